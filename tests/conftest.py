@@ -1,0 +1,50 @@
+"""Shared fixtures: notebooks run by papermill into temporary work directories with small parameters."""
+import os
+import socket
+import sys
+from pathlib import Path
+
+import papermill as pm
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NBS = REPO / "nbs"
+
+# Small sizes for CI: big enough that the fine-tuned model beats the TF-IDF baseline.
+SMALL_DATA = dict(n_train=320, n_eval=120, seed=42)
+SMALL_TRAIN = dict(epochs=3, max_length=128, batch_size=16)
+
+
+def run_notebook(name, out_dir, **parameters):
+    "Execute `nbs/{name}.ipynb` with papermill (cwd = nbs/, like a reader); return the executed notebook's path."
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{name}.out.ipynb"
+    pm.execute_notebook(str(NBS / f"{name}.ipynb"), str(out), parameters=parameters,
+                        cwd=str(NBS), kernel_name="python3", progress_bar=False,
+                        execution_timeout=900)
+    return out
+
+
+def free_port():
+    "A TCP port on 127.0.0.1 that nothing listens on right now."
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def data_workdir(tmp_path_factory):
+    "A work directory with data/ made by the data notebook (embedded sample, small sizes)."
+    wd = tmp_path_factory.mktemp("wd_data")
+    run_notebook("00_data", wd / "executed", workdir=str(wd), source="sample", **SMALL_DATA)
+    return wd
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+    "A work directory with data/ and a fine-tuned torch_model/, made by the data and training notebooks."
+    wd = tmp_path_factory.mktemp("wd_trained")
+    run_notebook("00_data", wd / "executed", workdir=str(wd), source="sample", **SMALL_DATA)
+    run_notebook("02_training", wd / "executed", workdir=str(wd), model="minilm", **SMALL_TRAIN)
+    return wd
