@@ -1,0 +1,143 @@
+"""The MAR archive: model folder checks, model-config.yaml, torch-model-archiver, and loading the MAR like a worker."""
+import importlib.util
+import json
+import logging
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_notebook
+from yelp_ts import archive
+from yelp_ts.archive import MODEL_FILES, build_archive, check_model_dir, mar_files, mar_manifest, write_model_config
+from yelp_ts.data import LABEL_NAMES
+
+HANDLER_FILE = Path(importlib.util.find_spec("yelp_ts.handler").origin)
+
+
+def link_model(src_workdir, dst_workdir):
+    "A work directory of its own whose torch_model/ links to the files of `src_workdir`'s (fast, no copy)."
+    d = Path(dst_workdir) / "torch_model"
+    d.mkdir(parents=True)
+    for f in (Path(src_workdir) / "torch_model").iterdir():
+        if f.is_file() and f.name != "model-config.yaml": (d / f.name).symlink_to(f)
+    return Path(dst_workdir)
+
+
+@pytest.fixture
+def workdir(untrained_model_workdir, tmp_path):
+    return link_model(untrained_model_workdir, tmp_path / "wd")
+
+
+@pytest.fixture
+def no_archiver(monkeypatch):
+    "Fail the test if torch-model-archiver would run."
+    def forbidden(*args, **kwargs): raise AssertionError(f"the archiver ran: {args}")
+    monkeypatch.setattr(archive.subprocess, "run", forbidden)
+
+
+def test_missing_model_dir_is_a_clear_error_before_the_archiver(tmp_path, no_archiver):
+    with pytest.raises(FileNotFoundError) as e:
+        build_archive(tmp_path)
+    assert all(f in str(e.value) for f in MODEL_FILES) and "yelp-ts train" in str(e.value)
+    assert not (tmp_path / "torch_model" / "model_store").exists()
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "tokenizer.json", "index_to_name.json"])
+def test_incomplete_model_dir_names_the_missing_file(workdir, missing, no_archiver):
+    (workdir / "torch_model" / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=missing.replace(".", r"\.")) as e:
+        build_archive(workdir)
+    assert [f for f in MODEL_FILES if f in str(e.value)] == [missing] and "yelp-ts train" in str(e.value)
+    assert not (workdir / "torch_model" / "model_store").exists()
+
+
+def test_check_model_dir_returns_the_folder(workdir):
+    assert check_model_dir(workdir) == workdir / "torch_model"
+
+
+def test_model_config_defaults(workdir):
+    config = yaml.safe_load(write_model_config(workdir).read_text())
+    assert config == {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 120,
+                      "handler": {"max_length": 128, "torch_threads": 1}}
+
+
+def test_model_config_max_length_from_metrics_and_oversubscription_warning(workdir, caplog, monkeypatch):
+    (workdir / "torch_model" / "metrics.json").write_text(json.dumps({"max_length": 256, "eval_accuracy": 0.5}))
+    assert yaml.safe_load(write_model_config(workdir).read_text())["handler"]["max_length"] == 256
+    assert yaml.safe_load(write_model_config(workdir, max_length=64).read_text())["handler"]["max_length"] == 64
+    monkeypatch.setattr(archive.os, "cpu_count", lambda: 2)
+    with caplog.at_level(logging.WARNING):
+        write_model_config(workdir, workers=2, torch_threads=2)
+    assert "oversubscribe" in caplog.text
+
+
+def test_build_archive(workdir):
+    mar = build_archive(workdir)
+    assert mar == workdir / "torch_model" / "model_store" / "yelp.mar"
+    files = mar_files(mar)
+    assert {"MAR-INF/MANIFEST.json", "handler.py", "model-config.yaml", *MODEL_FILES} <= set(files)
+    assert "pytorch_model.bin" not in files and "vocab.txt" not in files
+    model = mar_manifest(mar)["model"]
+    assert model["modelName"] == "yelp" and model["modelVersion"] == "1.0"
+    assert model["serializedFile"] == "model.safetensors" and model["handler"] == "handler.py"
+    assert model["configFile"] == "model-config.yaml"
+    with zipfile.ZipFile(mar) as z:
+        assert z.read("handler.py") == HANDLER_FILE.read_bytes()
+        assert yaml.safe_load(z.read("model-config.yaml"))["batchSize"] == 8
+        assert json.loads(z.read("index_to_name.json")) == {str(i): n for i, n in enumerate(LABEL_NAMES)}
+
+    # --force: a rebuild with other settings replaces the archive
+    mar = build_archive(workdir, model_name="yelp", version="2.0", batch_size=4, max_batch_delay=50, workers=1)
+    assert mar_manifest(mar)["model"]["modelVersion"] == "2.0"
+    with zipfile.ZipFile(mar) as z:
+        assert yaml.safe_load(z.read("model-config.yaml"))["batchSize"] == 4
+
+
+def test_bad_archive_is_a_clear_error(tmp_path):
+    broken = tmp_path / "yelp.mar"
+    broken.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="yelp-ts archive"):
+        mar_manifest(broken)
+    with pytest.raises(ValueError, match="yelp-ts archive"):
+        mar_files(tmp_path / "missing.mar")
+
+
+def test_mar_loads_and_answers_with_torchserve_own_loader(workdir, tmp_path, monkeypatch):
+    "Unpack the MAR and load it the way a TorchServe worker does (one-class rule, model-config.yaml), no Java needed."
+    from ts.model_loader import TsModelLoader
+
+    from yelp_ts.handler import local_batch
+
+    mar = build_archive(workdir, max_length=32)
+    unpacked = tmp_path / "unpacked"
+    with zipfile.ZipFile(mar) as z: z.extractall(unpacked)
+    monkeypatch.syspath_prepend(str(unpacked))
+    monkeypatch.delitem(sys.modules, "handler", raising=False)
+    try:
+        service = TsModelLoader().load("yelp", str(unpacked), "handler.py", None, 8)
+        context = service.context
+        assert context.model_yaml_config["handler"] == {"max_length": 32, "torch_threads": 1}
+        data = local_batch(context, [("text/plain", "Great tacos!"), ("text/plain", "  "),
+                                     ("application/json", '{"text": "Awful."}')])
+        out = service._entry_point(data, context)
+        assert [context.get_response_status(i)[0] for i in range(3)] == [200, 400, 200]
+        assert out[0]["label"] in LABEL_NAMES and "error" in out[1] and out[2]["label"] in LABEL_NAMES
+    finally:
+        sys.modules.pop("handler", None)
+
+
+def test_archive_from_trained_model(trained_workdir, tmp_path):
+    wd = link_model(trained_workdir, tmp_path / "wd")
+    mar = build_archive(wd)
+    metrics = json.loads((wd / "torch_model" / "metrics.json").read_text())
+    with zipfile.ZipFile(mar) as z:
+        assert yaml.safe_load(z.read("model-config.yaml"))["handler"]["max_length"] == metrics["max_length"]
+    assert mar_manifest(mar)["model"]["serializedFile"] == "model.safetensors"
+
+
+def test_notebook_runs(workdir, tmp_path):
+    run_notebook("04_archive", tmp_path / "executed", workdir=str(workdir))
+    assert (workdir / "torch_model" / "model_store" / "yelp.mar").is_file()

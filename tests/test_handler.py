@@ -1,0 +1,152 @@
+"""The TorchServe handler, in-process: a real ts.context.Context, batches that mix good and bad requests."""
+import ast
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import run_notebook
+from yelp_ts.data import LABEL_NAMES
+from yelp_ts.handler import TransformersClassifierHandler, local_batch, local_context, request_text
+
+HANDLER_FILE = Path(importlib.util.find_spec("yelp_ts.handler").origin)
+GOOD = ["The tacos were amazing and the staff was lovely.", "Cold food, rude waiter, never again.",
+        "It was fine. Nothing special, a bit pricey.", "Best brunch in town, five stars!"]
+BAD = {  # what a client sends that carries no usable review (content type, body)
+    "empty": ("text/plain", b""),
+    "whitespace": ("text/plain", " \n\t "),
+    "invalid UTF-8": ("text/plain", b"caf\xe9 au lait"),
+    "JSON not an object": ("application/json", '["a", "b"]'),
+    "JSON without text": ("application/json", '{"review": "hello"}'),
+    "number instead of text": ("application/json", '{"text": 5}'),
+    "bare JSON number": ("application/json", "5"),
+    "invalid JSON": ("application/json", '{"text": '),
+    "form without Content-Type (curl -d)": ("application/x-www-form-urlencoded", "Stopped back by Mellow Mushroom"),
+    "empty octet-stream": ("application/octet-stream", b""),
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(untrained_model_workdir):
+    return untrained_model_workdir / "torch_model"
+
+
+@pytest.fixture(scope="module")
+def handler(model_dir):
+    h = TransformersClassifierHandler()
+    h.initialize(local_context(model_dir))
+    return h
+
+
+def answer(handler, model_dir, bodies):
+    "Run one batch through `handler`; return (answers, HTTP statuses, context)."
+    context = local_context(model_dir)
+    out = handler.handle(local_batch(context, bodies), context)
+    return out, [context.get_response_status(i)[0] for i in range(len(bodies))], context
+
+
+def test_mixed_batch_answers_every_request_in_order(handler, model_dir):
+    bad = list(BAD.values())
+    bodies, expect_good = [], []
+    for i, text in enumerate(GOOD):  # good, bad, good, bad ... with different body types
+        bodies.append(("text/plain", text) if i % 2 else ("application/json", f'{{"text": "{text}"}}'))
+        expect_good.append(True)
+        bodies.append(bad[i]); expect_good.append(False)
+    bodies += bad[len(GOOD):]; expect_good += [False] * (len(bad) - len(GOOD))
+    out, statuses, context = answer(handler, model_dir, bodies)
+    assert len(out) == len(bodies)
+    assert statuses == [200 if g else 400 for g in expect_good]
+    singles = [answer(handler, model_dir, [("text/plain", t)])[0][0] for t in GOOD]
+    good_out = [a for a, g in zip(out, expect_good) if g]
+    for got, alone in zip(good_out, singles):  # each answer belongs to its own request
+        assert set(got) == {"label", "stars", "probabilities"}
+        assert list(got["probabilities"]) == LABEL_NAMES
+        assert got["label"] == alone["label"] == LABEL_NAMES[got["stars"] - 1]
+        assert max(abs(got["probabilities"][k] - alone["probabilities"][k]) for k in LABEL_NAMES) < 1e-4
+        assert sum(got["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    for a, g in zip(out, expect_good):
+        if not g: assert set(a) == {"error"} and len(a["error"]) > 20
+    assert all(context.get_response_content_type(i) == "application/json" for i in range(len(bodies)))
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_each_bad_input_is_a_400_and_the_next_request_works(handler, model_dir, name):
+    out, statuses, context = answer(handler, model_dir, [BAD[name]])
+    assert statuses == [400] and set(out[0]) == {"error"}
+    assert context.get_response_status(0)[1] == out[0]["error"]  # the reason phrase says the same
+    out, statuses, _ = answer(handler, model_dir, [("text/plain", "Great food.")])
+    assert statuses == [200] and out[0]["label"] in LABEL_NAMES
+
+
+def test_accepted_body_types(handler, model_dir):
+    bodies = [("text/plain", "Nice."), ("text/plain; charset=utf-8", "Nice."), ("application/json", '{"text": "Nice."}'),
+              ("application/json", '{"data": "Nice."}'), ("application/json", '{"body": "Nice."}'),
+              ("application/json; charset=utf-8", b'{"text": "Nice."}'), ("application/octet-stream", b"Nice."),
+              ("application/x-www-form-urlencoded", "text=Nice.")]
+    out, statuses, _ = answer(handler, model_dir, bodies)
+    assert statuses == [200] * len(bodies)
+    assert len({a["label"] for a in out}) == 1
+    assert request_text({"data": bytearray("Crème brûlée".encode())}) == "Crème brûlée"  # multipart field `data`
+
+
+def test_probabilities_match_the_model(handler, model_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with torch.inference_mode():
+        probs = model(**tokenizer(GOOD[0], return_tensors="pt")).logits.softmax(-1)[0].tolist()
+    got = answer(handler, model_dir, [("text/plain", GOOD[0])])[0][0]
+    assert [got["probabilities"][k] for k in LABEL_NAMES] == pytest.approx(probs, abs=1e-5)
+
+
+def test_dynamic_padding_and_truncation(handler, model_dir):
+    answer(handler, model_dir, [("text/plain", "Great!"), ("text/plain", "Bad.")])
+    assert handler.padded_length < 10
+    out, statuses, _ = answer(handler, model_dir, [("text/plain", "The food was great but slow. " * 36_000)])  # 1 MB
+    assert statuses == [200] and handler.padded_length == handler.max_length == 128
+
+
+def test_settings_come_from_model_config(model_dir):
+    h = TransformersClassifierHandler()
+    h.initialize(local_context(model_dir, handler_settings={"max_length": 16, "torch_threads": 1}))
+    answer(h, model_dir, [("text/plain", "The food was great but slow. " * 20)])
+    assert h.max_length == h.padded_length == 16
+    assert torch.get_num_threads() == 1
+
+
+def test_missing_index_to_name_falls_back_to_config(model_dir, tmp_path, caplog):
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != "index_to_name.json": (tmp_path / f.name).symlink_to(f)
+    h = TransformersClassifierHandler()
+    with caplog.at_level(logging.WARNING):
+        h.initialize(local_context(tmp_path))
+    assert h.mapping == LABEL_NAMES and "index_to_name.json" in caplog.text
+    out, statuses, _ = answer(h, tmp_path, [("text/plain", "Lovely place.")])
+    assert statuses == [200] and out[0]["label"] in LABEL_NAMES
+
+
+def test_logs_sizes_never_text(handler, model_dir, caplog):
+    secret = "Zanzibar-unique-review-text"
+    with caplog.at_level(logging.DEBUG):
+        answer(handler, model_dir, [("text/plain", secret), ("application/json", f'{{"text": "{secret}"}}'), BAD["whitespace"]])
+    assert "Batch of 3: 2 answered, 1 rejected" in caplog.text
+    assert secret not in caplog.text
+
+
+def test_handler_file_follows_torchserve_rules():
+    tree = ast.parse(HANDLER_FILE.read_text())
+    classes = [n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+    assert classes == ["TransformersClassifierHandler"], "TorchServe refuses a handler file with more than one class"
+    assert "handle" not in [n.name for n in tree.body if isinstance(n, ast.FunctionDef)], \
+        "a module-level `handle` would replace the class as TorchServe's entry point"
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level], "no relative imports"
+    assert imported <= set(sys.stdlib_module_names) | {"torch", "transformers", "ts"}, imported
+
+
+def test_notebook_runs(untrained_model_workdir, tmp_path):
+    run_notebook("03_handler", tmp_path, workdir=str(untrained_model_workdir))

@@ -1,0 +1,331 @@
+"""Serving against a real TorchServe 0.12 (Java) on free loopback ports: shapes, equality with the
+in-process model, batching under concurrency, token auth, bad input, clear errors, clean stop."""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import free_port, run_notebook
+from yelp_ts import serving
+from yelp_ts.archive import build_archive
+from yelp_ts.data import LABEL_NAMES, model_dir
+
+MAX_LENGTH = 128
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "index_to_name.json", "metrics.json", "special_tokens_map.json", "vocab.txt")
+# 16 distinguishable reviews: different wording and sentiment, so each has its own probabilities
+REVIEWS = [
+    "Absolutely wonderful dinner, the pasta was perfect and the staff were lovely.",
+    "Terrible service. We waited an hour and the food came cold.",
+    "It was okay. Nothing special, but the prices are fair.",
+    "Best tacos in town, I come back every week!",
+    "The room smelled of smoke and the sheets were dirty. Never again.",
+    "Decent coffee, slow wifi, friendly barista.",
+    "The burger was overcooked and the fries were soggy, but the beer was good.",
+    "Five stars for the dessert alone. The tiramisu is heavenly.",
+    "Rude manager, wrong order, and they charged us twice.",
+    "A solid neighborhood spot with a good brunch menu.",
+    "Mediocre sushi at premium prices; the rice was mushy.",
+    "Loved the atmosphere and live music, though the drinks were pricey.",
+    "My car was repaired quickly and for less than the quote. Honest mechanics!",
+    "The haircut was fine, the wait was long, parking is a nightmare.",
+    "Stopped back by Mellow Mushroom with my mate Justin from Brew Bros.",
+    "Do not go here. Food poisoning after the chicken curry.",
+]
+
+
+def _copy_model(src_wd, dst_wd):
+    "Copy the trained model files (not the archive, not a running server's files) into a fresh work directory."
+    src, dst = model_dir(src_wd), model_dir(dst_wd)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in MODEL_FILES:
+        if (src / f).is_file(): shutil.copy2(src / f, dst / f)
+    return dst_wd
+
+
+def _procs(pid):
+    "The TorchServe frontend `pid` and its (worker) children."
+    p = psutil.Process(pid)
+    return [p] + p.children(recursive=True)
+
+
+def _alive(procs):
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE: out.append(p.pid)
+        except psutil.NoSuchProcess: pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(trained_workdir, tmp_path_factory):
+    "A running TorchServe (batch size 4, one worker) on free ports, in its own work directory; always stopped."
+    wd = _copy_model(trained_workdir, tmp_path_factory.mktemp("wd_serving"))
+    build_archive(wd, batch_size=4, max_batch_delay=100, workers=1, torch_threads=1, max_length=MAX_LENGTH)
+    try:
+        info = serving.serve(wd, inference_port=free_port(), management_port=free_port(),
+                             metrics_port=free_port(), timeout=240, progress=False)
+        yield wd, info
+    finally:
+        serving.stop(wd)
+
+
+@pytest.fixture(scope="module")
+def reference(served):
+    "In-process probabilities (transformers directly, same max_length) for every review in REVIEWS."
+    d = model_dir(served[0])
+    tok, model = AutoTokenizer.from_pretrained(d), AutoModelForSequenceClassification.from_pretrained(d).eval()
+    with torch.inference_mode():
+        probs = [model(**tok(t, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")).logits.softmax(-1)[0].tolist()
+                 for t in REVIEWS]
+    return dict(zip(REVIEWS, probs))
+
+
+def _post(info, body, content_type="text/plain", key=None, wd=None):
+    headers = {"Content-Type": content_type} if content_type else {}
+    if key is not None: headers["Authorization"] = f"Bearer {key}"
+    return requests.post(info["urls"]["inference"], data=body, headers=headers, timeout=60)
+
+
+def _check_answer(a):
+    assert set(a) >= {"label", "stars", "probabilities"}, a
+    assert list(a["probabilities"]) == LABEL_NAMES
+    assert abs(sum(a["probabilities"].values()) - 1) < 1e-3
+    assert a["label"] == LABEL_NAMES[a["stars"] - 1] == max(a["probabilities"], key=a["probabilities"].get)
+
+
+def test_text_plain_and_json_answer_shape(served):
+    wd, info = served
+    key = serving.read_key(wd)
+    r1 = _post(info, REVIEWS[0].encode(), "text/plain", key)
+    r2 = _post(info, json.dumps({"text": REVIEWS[0]}), "application/json", key)
+    assert r1.status_code == r2.status_code == 200, (r1.text, r2.text)
+    _check_answer(r1.json()); _check_answer(r2.json())
+    assert r1.json()["label"] == r2.json()["label"]
+
+
+def test_predictions_equal_in_process_model(served, reference):
+    wd, info = served
+    answers = serving.predict(REVIEWS, wd)
+    assert len(answers) == len(REVIEWS)
+    for text, a in zip(REVIEWS, answers):
+        _check_answer(a)
+        ref = reference[text]
+        assert a["stars"] - 1 == max(range(5), key=ref.__getitem__), text
+        assert max(abs(a["probabilities"][n] - p) for n, p in zip(LABEL_NAMES, ref)) < 1e-4, text
+
+
+def test_16_concurrent_requests_batch_4_each_get_their_own_answer(served, reference):
+    wd, info = served
+    assert serving.describe_model(wd)[0]["batchSize"] == 4
+    # the texts must be distinguishable by their probabilities, or a swap would go unnoticed
+    refs = list(reference.values())
+    assert min(max(abs(a - b) for a, b in zip(refs[i], refs[j]))
+               for i in range(16) for j in range(i + 1, 16)) > 1e-3
+    key, barrier, results = serving.read_key(wd), threading.Barrier(16), {}
+    def ask(text):
+        barrier.wait()
+        results[text] = _post(info, text.encode(), "text/plain", key)
+    threads = [threading.Thread(target=ask, args=(t,)) for t in REVIEWS]
+    for t in threads: t.start()
+    for t in threads: t.join(120)
+    assert len(results) == 16
+    for text, r in results.items():
+        assert r.status_code == 200, r.text
+        got = [r.json()["probabilities"][n] for n in LABEL_NAMES]
+        assert max(abs(a - b) for a, b in zip(got, reference[text])) < 1e-4, text
+
+
+def test_requests_without_or_with_wrong_key_are_refused(served):
+    wd, info = served
+    for key in (None, "wrong-key"):
+        r = _post(info, b"Great food", "text/plain", key)
+        assert r.status_code == 400 and r.json()["type"] == "InvalidKeyException"
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = requests.get(info["urls"]["management"], headers=headers, timeout=30)
+        assert r.status_code == 400 and "InvalidKey" in r.text
+    # the inference key does not open the management API
+    r = requests.get(info["urls"]["management"], headers=serving._auth(wd, "inference"), timeout=30)
+    assert r.status_code == 400
+    assert serving.ping(wd) == {"status": "Healthy"}
+
+
+def test_key_file_private_and_never_logged(served):
+    wd, _ = served
+    d = model_dir(wd)
+    assert (d / "key_file.json").stat().st_mode & 0o777 == 0o600
+    keys = [serving.read_key(wd, api) for api in ("inference", "management", "API")]
+    for f in list((d / "logs").glob("*")) + [d / "server.json", d / "config.properties"]:
+        text = f.read_text(errors="replace")
+        assert not any(k in text for k in keys), f"a key leaked into {f}"
+
+
+def test_config_is_loopback_only_with_model_api_off(served):
+    wd, info = served
+    conf = (model_dir(wd) / "config.properties").read_text()
+    for line in conf.splitlines():
+        if "_address=" in line: assert "127.0.0.1" in line, line
+    assert "enable_model_api=false" in conf and "disable_token_authorization=false" in conf
+    assert "allowed_urls=file://" in conf and "default_workers_per_model" not in conf
+    r = requests.post(f"http://127.0.0.1:{info['ports']['management']}/models", params={"url": "http://example.com/x.mar"},
+                      headers=serving._auth(wd, "management"), timeout=30)
+    assert r.status_code == 405          # registering models over HTTP is disabled
+
+
+BAD_INPUTS = {
+    "empty body": (b"", "text/plain"),
+    "whitespace only": (b"   \n\t ", "text/plain"),
+    "invalid UTF-8": (b"\xff\xfe\xfa broken", "application/octet-stream"),
+    "JSON not an object": (b"[1, 2, 3]", "application/json"),
+    "JSON without text": (b'{"review": "good"}', "application/json"),
+    "number instead of text": (b'{"text": 5}', "application/json"),
+    "form-encoded (curl -d without Content-Type)": (b"great food", "application/x-www-form-urlencoded"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_gets_400_json_and_next_good_request_works(served, name):
+    wd, info = served
+    body, ctype = BAD_INPUTS[name]
+    t = time.monotonic()
+    r = _post(info, body, ctype, serving.read_key(wd))
+    assert r.status_code == 400, (name, r.status_code, r.text)
+    assert r.json().get("error"), r.text
+    _check_answer(serving.predict("The soup was great.", wd)[0])
+    assert time.monotonic() - t < 30
+
+
+def test_1mb_review_is_answered_fast_and_7mb_body_gets_413(served):
+    wd, info = served
+    key = serving.read_key(wd)
+    t = time.monotonic()
+    r = _post(info, ("The food was great. " * 52_500).encode(), "text/plain", key)      # ~1 MB
+    assert r.status_code == 200, r.text
+    _check_answer(r.json())
+    assert time.monotonic() - t < 10                        # truncated to max_length, not tokenized whole
+    r = _post(info, b"x" * 7_000_000, "text/plain", key)                               # over max_request_size
+    assert r.status_code == 413
+    with pytest.raises(ValueError, match="413"):
+        serving.predict("y" * 7_000_000, wd)
+    _check_answer(serving.predict("Still fine.", wd)[0])
+
+
+def test_predict_raises_value_error_on_bad_input_without_retrying(served):
+    wd, _ = served
+    t = time.monotonic()
+    with pytest.raises(ValueError, match="400"):
+        serving.predict("   ", wd)
+    assert time.monotonic() - t < 5          # a bad input is not retried
+
+
+def test_status_and_demo_predict(served):
+    wd, info = served
+    s = serving.status(wd)
+    assert s["running"] and s["pid"] == info["pid"] and s["health"] == "Healthy" and s["workers"] == ["READY"]
+    answer, fig = serving.demo_predict(REVIEWS[3], wd)
+    _check_answer(answer)
+    assert len(fig.axes[0].patches) == 5
+
+
+def test_serve_twice_in_same_workdir_is_a_clear_error(served):
+    wd, info = served
+    with pytest.raises(RuntimeError, match="already running.*yelp-ts stop"):
+        serving.serve(wd, inference_port=free_port(), management_port=free_port(), metrics_port=free_port())
+    assert serving.status(wd)["pid"] == info["pid"]
+
+
+def test_predict_survives_a_killed_worker(served):
+    "Kill the model worker: TorchServe restarts it and the client's retries turn that into an answer."
+    wd, info = served
+    [worker] = psutil.Process(info["pid"]).children()
+    worker.kill()
+    t = time.monotonic()
+    answers = serving.predict(REVIEWS[:4], wd)
+    assert len(answers) == 4 and all(a["label"] in LABEL_NAMES for a in answers)
+    assert time.monotonic() - t < 60
+
+
+@pytest.fixture
+def empty_workdir(tmp_path):
+    return tmp_path
+
+
+def test_stop_when_nothing_runs_returns_false(empty_workdir):
+    assert serving.stop(empty_workdir) is False
+    assert serving.status(empty_workdir)["running"] is False
+
+
+def test_missing_archive_says_run_archive(empty_workdir):
+    with pytest.raises(FileNotFoundError, match="yelp-ts archive"):
+        serving.serve(empty_workdir, inference_port=free_port(), management_port=free_port(), metrics_port=free_port())
+
+
+def test_corrupt_or_truncated_archive_is_a_clear_error(served, empty_workdir):
+    mar = model_dir(served[0]) / "model_store" / "yelp.mar"
+    store = model_dir(empty_workdir) / "model_store"; store.mkdir(parents=True)
+    (store / "yelp.mar").write_bytes(mar.read_bytes()[: 1 << 20])      # the first MB of a real archive
+    with pytest.raises(RuntimeError, match="corrupt or truncated.*yelp-ts archive"):
+        serving.serve(empty_workdir, inference_port=free_port(), management_port=free_port(), metrics_port=free_port())
+    assert not (model_dir(empty_workdir) / "server.json").exists()
+
+
+def test_port_in_use_names_port_and_flag(served, empty_workdir):
+    store = model_dir(empty_workdir) / "model_store"; store.mkdir(parents=True)
+    os.symlink(model_dir(served[0]) / "model_store" / "yelp.mar", store / "yelp.mar")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); s.listen(); taken = s.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"port {taken} .*--management-port"):
+            serving.serve(empty_workdir, inference_port=free_port(), management_port=taken, metrics_port=free_port())
+    assert serving.status(empty_workdir)["running"] is False
+
+
+def test_java_missing_says_how_to_install(served, empty_workdir, monkeypatch):
+    monkeypatch.setenv("PATH", str(empty_workdir))
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    assert serving.java_version() is None
+    with pytest.raises(RuntimeError, match="Java 11\\+.*apt-get install openjdk-17-jre-headless"):
+        serving.serve(empty_workdir, inference_port=free_port())
+
+
+def test_restart_gives_new_key_client_follows_and_stop_leaves_no_process(served):
+    "Runs last in this module: stop (no process left), restart in the same work directory, stop again."
+    wd, info = served
+    old_key, procs = serving.read_key(wd), _procs(info["pid"])
+    assert len(procs) >= 2                                   # java + its worker
+    assert serving.stop(wd) is True
+    assert _alive(procs) == []
+    assert not (model_dir(wd) / "server.json").exists() and not (model_dir(wd) / "key_file.json").exists()
+    assert serving.stop(wd) is False
+
+    info2 = serving.serve(wd, **{f"{k}_port": info["ports"][k] for k in ("inference", "management", "metrics")},
+                          timeout=240, progress=False)
+    assert serving.read_key(wd) != old_key
+    assert _post(info2, b"good", "text/plain", old_key).status_code == 400
+    _check_answer(serving.predict("Back again, still great.", wd)[0])
+    procs = _procs(info2["pid"])
+    assert serving.stop(wd) is True
+    assert _alive(procs) == []
+
+
+def test_serving_notebook_runs(trained_workdir, tmp_path):
+    "The serving notebook under papermill on free ports: it starts, predicts, runs the debug cycle and stops."
+    wd = _copy_model(trained_workdir, tmp_path / "wd")
+    out = run_notebook("05_serving", tmp_path / "executed", workdir=str(wd), inference_port=free_port(),
+                       management_port=free_port(), metrics_port=free_port(), timeout=240)
+    assert serving.status(wd)["running"] is False
+    assert not (model_dir(wd) / "server.json").exists()
+    text = out.read_text()
+    assert "Bearer $KEY" in text                          # the article's curl, shown with the header
+    assert not re.findall(r"Bearer\s+(?!\$KEY)[A-Za-z0-9_\-]{6,}", text)   # and no real key in the outputs
