@@ -44,18 +44,21 @@ def check_model_dir(workdir="."):
 # %% ../nbs/04_archive.ipynb #01cc3d85
 def write_model_config(workdir=".", batch_size=8, max_batch_delay=5, workers=2, torch_threads=1,
                        response_timeout=120, max_length=None):
-    "Write `torch_model/model-config.yaml` (TorchServe worker/batch settings + the handler's section); return its path."
+    """Write `torch_model/model-config.yaml` (TorchServe worker/batch settings + the handler's section); return its path.
+    A setting given as `None` is left out, so TorchServe's own default applies (the article's deployment)."""
     d = model_dir(workdir)
     if max_length is None:
         metrics = d / "metrics.json"
         max_length = json.loads(metrics.read_text()).get("max_length", 128) if metrics.is_file() else 128
     cores = os.cpu_count() or 1
-    if workers * torch_threads > cores:
+    if workers and torch_threads and workers * torch_threads > cores:
         logger.warning("%d workers x %d torch threads oversubscribe %d cores: expect slow, jittery answers; "
                        "keep workers x torch_threads <= cores", workers, torch_threads, cores)
     config = {"minWorkers": workers, "maxWorkers": workers, "batchSize": batch_size, "maxBatchDelay": max_batch_delay,
               "responseTimeout": response_timeout,
               "handler": {"max_length": int(max_length), "torch_threads": torch_threads}}
+    config = {k: v for k, v in config.items() if v is not None}
+    config["handler"] = {k: v for k, v in config["handler"].items() if v is not None}
     path = d / "model-config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
