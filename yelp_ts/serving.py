@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,17 +58,28 @@ def check_java(minimum=11):
     return v
 
 # %% ../nbs/05_serving.ipynb #2f6f9b36
+def _untrained(workdir):
+    "What is missing from torch_model/ to build an archive ('' when the trained model is complete)."
+    from yelp_ts.archive import check_model_dir
+    try: check_model_dir(workdir)
+    except FileNotFoundError as e: return str(e)
+    return ""
+
 def check_mar(workdir=".", model_name="yelp"):
-    "Path of `torch_model/model_store/{model_name}.mar`; a clear error if it is missing or not a model archive."
+    "Path of `torch_model/model_store/{model_name}.mar`; a clear error if it is missing, truncated or corrupt."
     mar = model_dir(workdir) / "model_store" / f"{model_name}.mar"
     if not mar.is_file():
-        raise FileNotFoundError(f"no model archive at {mar}: build it with `yelp-ts archive --workdir {workdir}` "
-                                "(or yelp_ts.archive.build_archive(workdir)) after training.")
+        untrained = _untrained(workdir)
+        first = f"no trained model to build it from ({untrained}) Then build" if untrained else "Build"
+        raise FileNotFoundError(f"no model archive at {mar}: {first} it with `yelp-ts archive --workdir {workdir}` "
+                                "(or yelp_ts.archive.build_archive(workdir)).")
     try:
-        with zipfile.ZipFile(mar) as z: ok = "MAR-INF/MANIFEST.json" in z.namelist()
-    except (zipfile.BadZipFile, OSError): ok = False
-    if not ok:
-        raise RuntimeError(f"{mar} is not a valid model archive (corrupt or truncated): rebuild it with "
+        with zipfile.ZipFile(mar) as z:
+            if "MAR-INF/MANIFEST.json" not in z.namelist(): problem = "no MAR-INF/MANIFEST.json"
+            else: problem = (bad := z.testzip()) and f"{bad} fails its CRC check"   # reads every member
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e: problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise RuntimeError(f"{mar} is not a valid model archive (corrupt or truncated: {problem}): rebuild it with "
                            f"`yelp-ts archive --workdir {workdir}`.")
     return mar
 
