@@ -12,7 +12,7 @@ NBS = REPO / "nbs"
 
 # Small sizes for CI: big enough that the fine-tuned model beats the TF-IDF baseline.
 SMALL_DATA = dict(n_train=320, n_eval=120, seed=42)
-SMALL_TRAIN = dict(epochs=3, max_length=128, batch_size=16)
+SMALL_TRAIN = dict(epochs=5, max_length=128, batch_size=8)
 
 
 def run_notebook(name, out_dir, **parameters):

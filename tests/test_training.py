@@ -1,0 +1,86 @@
+"""nbs/02_training.ipynb: the model it saves, the metrics it writes, and yelp_ts.training's error cases."""
+import json
+import time
+
+import pytest
+from conftest import SMALL_DATA, SMALL_TRAIN
+
+from yelp_ts import training
+from yelp_ts.data import LABEL_NAMES, model_dir
+
+METRIC_KEYS = {"eval_accuracy", "eval_macro_f1", "train_samples_per_second", "baseline_accuracy",
+               "baseline_macro_f1", "model", "data", "epochs", "max_length", "padding", "learning_rate"}
+
+
+def test_saved_model_files(trained_workdir):
+    out = model_dir(trained_workdir)
+    for name in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+                 "index_to_name.json", "metrics.json", "log_history.json"]:
+        assert (out / name).is_file(), f"{name} missing from {out}"
+    assert json.loads((out / "index_to_name.json").read_text()) == {str(i): n for i, n in enumerate(LABEL_NAMES)}
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {str(i): n for i, n in enumerate(LABEL_NAMES)}
+    assert not [p.name for p in trained_workdir.iterdir() if p.name.startswith(".trainer-")], "temporary trainer dir left"
+    assert not list(out.glob("checkpoint-*")), "checkpoints left in torch_model/"
+
+
+def test_metrics(trained_workdir):
+    metrics = json.loads((model_dir(trained_workdir) / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert 0 <= metrics["eval_accuracy"] <= 1 and 0 <= metrics["eval_macro_f1"] <= 1
+    assert metrics["train_samples_per_second"] > 0
+    assert metrics["eval_accuracy"] > metrics["baseline_accuracy"], metrics
+    assert metrics["model"] == "minilm" and metrics["padding"] == "dynamic"
+    for key in ("epochs", "max_length", "batch_size"):
+        assert metrics[key] == SMALL_TRAIN[key]
+    assert metrics["data"]["source"] == "sample"
+    assert (metrics["data"]["n_train"], metrics["data"]["n_eval"]) == (SMALL_DATA["n_train"], SMALL_DATA["n_eval"])
+    history = json.loads((model_dir(trained_workdir) / "log_history.json").read_text())
+    assert [h for h in history if "loss" in h]
+    assert len([h for h in history if "eval_accuracy" in h]) == int(SMALL_TRAIN["epochs"])  # one evaluation per epoch
+
+
+def test_predict_texts(trained_workdir):
+    answers = training.predict_texts(["Great food and friendly staff.", "Terrible. Cold food, rude waiter."],
+                                     workdir=trained_workdir)
+    assert len(answers) == 2
+    for a in answers:
+        assert set(a) == {"label", "stars", "probabilities"}
+        assert list(a["probabilities"]) == LABEL_NAMES
+        assert abs(sum(a["probabilities"].values()) - 1) < 1e-4
+        assert a["label"] == LABEL_NAMES[a["stars"] - 1] == max(a["probabilities"], key=a["probabilities"].get)
+    with pytest.raises(ValueError, match="empty"):
+        training.predict_texts(["fine", "  "], workdir=trained_workdir)
+
+
+def test_load_trained_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="yelp-ts train"):
+        training.load_trained(tmp_path)
+
+
+def test_resolve_model_alias_and_dir(tmp_path):
+    path = training.resolve_model("minilm")
+    assert path == training.MODEL_ALIASES["minilm"] == training.resolve_model()
+    assert (training.Path(path) / "config.json").is_file()
+    assert training.resolve_model(path) == str(training.Path(path).resolve())
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        training.resolve_model(str(tmp_path))            # a directory, but no model in it
+    with pytest.raises(FileNotFoundError, match="minilm"):
+        training.resolve_model(str(tmp_path / "nope"))
+
+
+def test_resolve_model_hub_offline_fails_fast(monkeypatch):
+    import huggingface_hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # as if never downloaded
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match="--model minilm"):
+        training.resolve_model("distilbert-base-uncased")
+    assert time.monotonic() - start < 10
+
+
+def test_bad_padding(tmp_path):
+    with pytest.raises(ValueError, match="padding"):
+        training.train(tmp_path, padding="longest")
+    with pytest.raises(ValueError, match="padding"):
+        training.tokenize(None, None, padding="pad")
