@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import logging
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -60,8 +61,9 @@ def test_check_model_dir_returns_the_folder(workdir):
 
 def test_model_config_defaults(workdir):
     config = yaml.safe_load(write_model_config(workdir).read_text())
-    assert config == {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 120,
-                      "handler": {"max_length": 128, "torch_threads": 1}}
+    cores = os.cpu_count()
+    assert config == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 2, "responseTimeout": 120,
+                      "handler": {"max_length": 128, "torch_threads": cores}}
 
 
 def test_model_config_max_length_from_metrics_and_oversubscription_warning(workdir, caplog, monkeypatch):
@@ -86,14 +88,14 @@ def test_build_archive(workdir):
     assert model["configFile"] == "model-config.yaml"
     with zipfile.ZipFile(mar) as z:
         assert z.read("handler.py") == HANDLER_FILE.read_bytes()
-        assert yaml.safe_load(z.read("model-config.yaml"))["batchSize"] == 8
+        assert yaml.safe_load(z.read("model-config.yaml"))["batchSize"] == 4
         assert json.loads(z.read("index_to_name.json")) == {str(i): n for i, n in enumerate(LABEL_NAMES)}
 
     # --force: a rebuild with other settings replaces the archive
-    mar = build_archive(workdir, model_name="yelp", version="2.0", batch_size=4, max_batch_delay=50, workers=1)
+    mar = build_archive(workdir, model_name="yelp", version="2.0", batch_size=16, max_batch_delay=50, workers=1)
     assert mar_manifest(mar)["model"]["modelVersion"] == "2.0"
     with zipfile.ZipFile(mar) as z:
-        assert yaml.safe_load(z.read("model-config.yaml"))["batchSize"] == 4
+        assert yaml.safe_load(z.read("model-config.yaml"))["batchSize"] == 16
 
 
 def test_bad_archive_is_a_clear_error(tmp_path):
@@ -119,7 +121,7 @@ def test_mar_loads_and_answers_with_torchserve_own_loader(workdir, tmp_path, mon
     try:
         service = TsModelLoader().load("yelp", str(unpacked), "handler.py", None, 8)
         context = service.context
-        assert context.model_yaml_config["handler"] == {"max_length": 32, "torch_threads": 1}
+        assert context.model_yaml_config["handler"] == {"max_length": 32, "torch_threads": os.cpu_count()}
         data = local_batch(context, [("text/plain", "Great tacos!"), ("text/plain", "  "),
                                      ("application/json", '{"text": "Awful."}')])
         out = service._entry_point(data, context)

@@ -42,15 +42,17 @@ def check_model_dir(workdir="."):
     return d
 
 # %% ../nbs/04_archive.ipynb #01cc3d85
-def write_model_config(workdir=".", batch_size=8, max_batch_delay=5, workers=2, torch_threads=1,
+def write_model_config(workdir=".", batch_size=4, max_batch_delay=2, workers=1, torch_threads="auto",
                        response_timeout=120, max_length=None):
     """Write `torch_model/model-config.yaml` (TorchServe worker/batch settings + the handler's section); return its path.
-    A setting given as `None` is left out, so TorchServe's own default applies (the article's deployment)."""
+    `torch_threads="auto"`: the cores shared out among the workers. A setting given as `None` is left out,
+    so TorchServe's own default applies (the article's deployment)."""
     d = model_dir(workdir)
     if max_length is None:
         metrics = d / "metrics.json"
         max_length = json.loads(metrics.read_text()).get("max_length", 128) if metrics.is_file() else 128
     cores = os.cpu_count() or 1
+    if torch_threads == "auto": torch_threads = max(1, cores // (workers or cores))
     if workers and torch_threads and workers * torch_threads > cores:
         logger.warning("%d workers x %d torch threads oversubscribe %d cores: expect slow, jittery answers; "
                        "keep workers x torch_threads <= cores", workers, torch_threads, cores)

@@ -47,6 +47,18 @@ def _add_archive_args(p):
     p.add_argument("--model-name", default="yelp", help="the name in /predictions/NAME")
     p.add_argument("--version", default="1.0")
 
+def _add_serving_settings(p):
+    "The MAR's model-config.yaml settings (defaults: the benchmark's choice, see 04_archive)."
+    p.add_argument("--workers", type=int, default=None, help="model workers (default 1)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--serve-batch-size", type=int, default=None, help="requests batched per forward pass (default 4)")
+    p.add_argument("--max-batch-delay", type=int, default=None, help="ms to wait to fill a batch (default 2)")
+
+def _serving_settings(args):
+    given = {key: getattr(args, name, None) for key, name in (("workers", "workers"), ("torch_threads", "torch_threads"),
+             ("batch_size", "serve_batch_size"), ("max_batch_delay", "max_batch_delay"))}  # `run` has none of them
+    return {k: v for k, v in given.items() if v is not None}
+
 def _add_port_args(p):
     for api, port in serving.DEFAULT_PORTS.items():
         p.add_argument(f"--{api}-port", type=int, default=port)
@@ -66,7 +78,7 @@ def build_parser():
     p = cmd("train", "fine-tune the model and save it to torch_model/"); _add_train_args(p)
     p.add_argument("--preset", choices=PRESETS, default="embedded")
     p.add_argument("--seed", type=int, default=42)
-    p = cmd("archive", "build torch_model/model_store/NAME.mar"); _add_archive_args(p)
+    p = cmd("archive", "build torch_model/model_store/NAME.mar"); _add_archive_args(p); _add_serving_settings(p)
     p = cmd("serve", "start TorchServe in the background"); _add_port_args(p)
     p.add_argument("--model-name", default="yelp")
     p = cmd("predict", "ask the running server; prints one JSON line per text")
@@ -75,7 +87,7 @@ def build_parser():
     cmd("status", "is the server of this work directory running?")
     cmd("stop", "stop the server of this work directory")
     p = cmd("debug", "the article's debug cycle: stop → re-archive → restart")
-    _add_archive_args(p); _add_port_args(p)
+    _add_archive_args(p); _add_serving_settings(p); _add_port_args(p)
     p = cmd("run", "data → train → archive → serve → predict; leaves the server running")
     p.add_argument("--preset", choices=PRESETS, default="embedded",
                    help="embedded (offline default) or article (yelp_review_full + distilbert-base-uncased, needs the Hub)")
@@ -103,7 +115,8 @@ def cmd_train(args):
                                                "train_samples_per_second") if k in metrics}))
 
 def cmd_archive(args):
-    print(archive.build_archive(args.workdir, model_name=args.model_name, version=args.version))
+    print(archive.build_archive(args.workdir, model_name=args.model_name, version=args.version,
+                                **_serving_settings(args)))
 
 def _ports(args):
     return {f"{api}_port": getattr(args, f"{api}_port") for api in serving.DEFAULT_PORTS}
@@ -124,7 +137,8 @@ def cmd_stop(args):
     if not serving.stop(args.workdir): print(f"no yelp-ts server is running in {args.workdir}")
 
 def cmd_debug(args):
-    print(json.dumps(serving.debug(args.workdir, model_name=args.model_name, version=args.version, **_ports(args))))
+    print(json.dumps(serving.debug(args.workdir, model_name=args.model_name, version=args.version, **_ports(args),
+                                   **_serving_settings(args))))
 
 def cmd_bench(args):
     from yelp_ts import benchmark
