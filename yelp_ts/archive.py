@@ -43,7 +43,7 @@ def check_model_dir(workdir="."):
 
 # %% ../nbs/04_archive.ipynb #01cc3d85
 def write_model_config(workdir=".", batch_size=4, max_batch_delay=2, workers=1, torch_threads="auto",
-                       response_timeout=120, max_length=None):
+                       response_timeout=120, max_length=None, quantize=None):
     """Write `torch_model/model-config.yaml` (TorchServe worker/batch settings + the handler's section); return its path.
     `torch_threads="auto"`: the cores shared out among the workers. A setting given as `None` is left out,
     so TorchServe's own default applies (the article's deployment)."""
@@ -58,7 +58,7 @@ def write_model_config(workdir=".", batch_size=4, max_batch_delay=2, workers=1, 
                        "keep workers x torch_threads <= cores", workers, torch_threads, cores)
     config = {"minWorkers": workers, "maxWorkers": workers, "batchSize": batch_size, "maxBatchDelay": max_batch_delay,
               "responseTimeout": response_timeout,
-              "handler": {"max_length": int(max_length), "torch_threads": torch_threads}}
+              "handler": {"max_length": int(max_length), "torch_threads": torch_threads, "quantize": quantize}}
     config = {k: v for k, v in config.items() if v is not None}
     config["handler"] = {k: v for k, v in config["handler"].items() if v is not None}
     path = d / "model-config.yaml"

@@ -255,10 +255,10 @@ def report_markdown(result) -> str:
     for r in result["ceiling"]:
         lines.append(f"| ceiling: in-process, batch {r['batch_size']}, {r['threads']} threads | — | "
                      f"{r['samples_per_s']} | {r['p50_ms']} (per batch) | {r['p95_ms']} | {r['p99_ms']} | — |")
-    for name in ("article", "yelp_ts"):
+    for name in [n for n in ("article", "yelp_ts", "yelp_ts_int8") if n in result]:
         d = result[name]; cfg = d["model_config"]
         label = ("article: TorchServe defaults" if name == "article" else
-                 f"yelp_ts: {cfg['workers']} workers × {cfg['torch_threads']} threads, batch {cfg['batch_size']}, "
+                 f"{name}: {cfg['workers']} worker(s) × {cfg['torch_threads']} threads, batch {cfg['batch_size']}, "
                  f"delay {cfg['max_batch_delay']} ms")
         for r in d["loads"]:
             lines.append(f"| {label} ({d['workers']} workers) | {r['concurrency']} | {r['requests_per_s']} | "
@@ -293,6 +293,10 @@ def run_benchmark(workdir=".", quick=False, port=8090, n_requests=None, seconds=
     result["article"] = served(workdir, "article", ARTICLE_CONFIG, texts, n_requests=n, max_seconds=budget, port=port)
     logger.info("yelp_ts's deployment %s …", cfg)
     result["yelp_ts"] = served(workdir, "yelp_ts", cfg, texts, n_requests=n, max_seconds=budget, port=port)
+    if not quick:                                                   # the opt-in int8 handler, served
+        logger.info("yelp_ts's deployment with quantize=int8 …")
+        result["yelp_ts_int8"] = served(workdir, "yelp_ts_int8", {**cfg, "quantize": "int8"}, texts, n_requests=n,
+                                        max_seconds=budget, port=port)
     logger.info("training: padding …")
     result["training"] = training_speed(workdir, steps=training_steps or (4 if quick else 10),
                                         max_lengths=sorted({max_length, 256}))

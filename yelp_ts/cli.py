@@ -53,10 +53,11 @@ def _add_serving_settings(p):
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     p.add_argument("--serve-batch-size", type=int, default=None, help="requests batched per forward pass (default 4)")
     p.add_argument("--max-batch-delay", type=int, default=None, help="ms to wait to fill a batch (default 2)")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="dynamic int8 quantization on CPU (opt-in)")
 
 def _serving_settings(args):
     given = {key: getattr(args, name, None) for key, name in (("workers", "workers"), ("torch_threads", "torch_threads"),
-             ("batch_size", "serve_batch_size"), ("max_batch_delay", "max_batch_delay"))}  # `run` has none of them
+             ("batch_size", "serve_batch_size"), ("max_batch_delay", "max_batch_delay"), ("quantize", "quantize"))}  # `run` has none of them
     return {k: v for k, v in given.items() if v is not None}
 
 def _add_port_args(p):

@@ -90,10 +90,20 @@ class TransformersClassifierHandler(BaseHandler):
         start = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(self.device).eval()
+        self.quantize = settings.get("quantize")
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"handler setting quantize={self.quantize!r}: use int8 or leave it out")
+        if self.quantize and self.device.type == "cpu":
+            import warnings
+            from torch.ao.quantization import quantize_dynamic
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated but still the CPU path
+                self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self.mapping = read_labels(model_dir, self.model.config)
         self.manifest, self.initialized = context.manifest, True
-        logger.info("Loaded %s (%d labels) on %s in %.1f s: max_length=%d, torch threads=%d", model_dir,
-                    len(self.mapping), self.device, time.perf_counter() - start, self.max_length, torch.get_num_threads())
+        logger.info("Loaded %s (%d labels) on %s in %.1f s: max_length=%d, torch threads=%d, quantize=%s", model_dir,
+                    len(self.mapping), self.device, time.perf_counter() - start, self.max_length, torch.get_num_threads(),
+                    self.quantize)
 
     def content_type(self, idx):
         "The Content-Type header of request `idx` of the current batch ('' when unknown)."
