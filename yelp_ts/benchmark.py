@@ -124,8 +124,9 @@ def _client_run(url, key, texts, concurrency, n_requests, max_seconds=30.0, time
 
 def load(url, key, texts, concurrency, n_requests, max_seconds=30.0, timeout=60.0) -> dict:
     "Run a load bounded in count and time against `url` from a separate process; requests/s, latency percentiles, errors."
+    from yelp_ts.benchmark import _client_run as client  # the library's copy: a notebook's own can't be spawned
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(_client_run, url, key, list(texts), concurrency, n_requests, max_seconds, timeout).result()
+        return pool.submit(client, url, key, list(texts), concurrency, n_requests, max_seconds, timeout).result()
 
 # %% ../nbs/06_benchmark.ipynb #691ed5c8
 ARTICLE_CONFIG = dict(batch_size=None, max_batch_delay=None, workers=None, torch_threads=None)

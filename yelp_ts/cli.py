@@ -167,7 +167,8 @@ def cmd_run(args):
           f"Stop it with:\n  yelp-ts stop --workdir {wd}")
 
 # %% ../nbs/07_cli.ipynb #715fef37
-EXPECTED_ERRORS = (FileNotFoundError, FileExistsError, ConnectionError, ValueError, RuntimeError, TimeoutError)
+EXPECTED_ERRORS = (FileNotFoundError, FileExistsError, ConnectionError, PermissionError, ValueError, RuntimeError,
+                   TimeoutError)
 COMMANDS = dict(data=cmd_data, train=cmd_train, archive=cmd_archive, serve=cmd_serve, predict=cmd_predict,
                 status=cmd_status, stop=cmd_stop, debug=cmd_debug, run=cmd_run, bench=cmd_bench)
 

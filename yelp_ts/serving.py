@@ -374,8 +374,9 @@ def _predict_one(text, workdir, model_name, retries, request_timeout, backoff=0.
         raise ValueError(f"TorchServe refused the review ({r.status_code}): {msg}")
     raise last
 
-def predict(texts, workdir=".", model_name="yelp", retries=4, request_timeout=60, max_parallel=8):
-    "Predict the stars of one review (str) or many (list) on the running server: one dict per text, in order."
+def predict(texts, workdir=".", model_name="yelp", retries=4, request_timeout=20, max_parallel=8):
+    """Predict the stars of one review (str) or many (list) on the running server: one dict per text, in order.
+    A request that TorchServe loses with a dying worker hangs: `request_timeout` (s) bounds each try, then it retries."""
     texts = [texts] if isinstance(texts, (str, bytes)) else list(texts)
     one = lambda t: _predict_one(t, workdir, model_name, retries, request_timeout)
     if len(texts) <= 1: return [one(t) for t in texts]
