@@ -10,21 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_notebook
+from conftest import link_model, run_notebook
 from yelp_ts import archive
 from yelp_ts.archive import MODEL_FILES, build_archive, check_model_dir, mar_files, mar_manifest, write_model_config
 from yelp_ts.data import LABEL_NAMES
 
 HANDLER_FILE = Path(importlib.util.find_spec("yelp_ts.handler").origin)
-
-
-def link_model(src_workdir, dst_workdir):
-    "A work directory of its own whose torch_model/ links to the files of `src_workdir`'s (fast, no copy)."
-    d = Path(dst_workdir) / "torch_model"
-    d.mkdir(parents=True)
-    for f in (Path(src_workdir) / "torch_model").iterdir():
-        if f.is_file() and f.name != "model-config.yaml": (d / f.name).symlink_to(f)
-    return Path(dst_workdir)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import free_port
+from conftest import free_port, link_model
 from yelp_ts import serving
 from yelp_ts.archive import build_archive
 from yelp_ts.data import LABEL_NAMES, model_dir
@@ -62,15 +62,6 @@ def reviews(n, seed, prefix="Visit"):
     return [f"{prefix} {i}: the {rng.choice(FOOD)} was {rng.choice(ADJ)} and the {rng.choice(FOOD)} "
             f"{rng.choice(ADJ)}; {rng.choice(STAFF)} {rng.choice(MOOD)}. Table {rng.randint(1, 99)}, "
             f"{rng.randint(1, 12)} pm. {rng.choice(END)}" for i in range(n)]
-
-
-def _link_model(src_wd, dst_wd):
-    "A work directory of its own whose torch_model/ links to the model files of `src_wd` (no copy, no archive)."
-    d = model_dir(dst_wd)
-    d.mkdir(parents=True)
-    for f in model_dir(src_wd).iterdir():
-        if f.is_file() and f.name != "model-config.yaml": (d / f.name).symlink_to(f)
-    return Path(dst_wd)
 
 
 def _ports():
@@ -121,8 +112,8 @@ def reference(untrained_model_workdir):
 
 @pytest.fixture(scope="module")
 def server(untrained_model_workdir, tmp_path_factory):
-    "TorchServe with 2 workers x 1 torch thread, batch 8 (the defaults' shape); stopped and checked for leftovers."
-    wd = _link_model(untrained_model_workdir, tmp_path_factory.mktemp("wd_reliability"))
+    "TorchServe with 2 workers x 1 torch thread, batch 8 (a worker survives the other's kill); stopped and checked for leftovers."
+    wd = link_model(untrained_model_workdir, tmp_path_factory.mktemp("wd_reliability"))
     build_archive(wd, batch_size=8, max_batch_delay=20, workers=2, torch_threads=1, max_length=MAX_LENGTH)
     state = {"wd": wd, "keys": set()}
     try:
