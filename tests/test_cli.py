@@ -1,12 +1,17 @@
 """The `yelp-ts` console script: the pipeline from the command line, on the embedded default, small sizes."""
+import argparse
+import inspect
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
-from conftest import free_port, run_notebook
+from conftest import REPO, free_port, link_model, run_notebook
+from yelp_ts import archive, cli, core, data, pipeline, serving, training
 
 YELP_TS = str(Path(sys.executable).parent / "yelp-ts")
 
@@ -20,13 +25,75 @@ def test_cli_notebook_runs(tmp_path):
     assert (tmp_path / "wd" / "data" / "train.csv").exists()
 
 
-def test_archive_takes_serving_settings(trained_workdir, tmp_path):
-    r = yelp_ts("archive", "--workdir", trained_workdir, "--model-name", "cli", "--workers", "2",
+def test_archive_takes_serving_settings(untrained_model_workdir, tmp_path):
+    wd = link_model(untrained_model_workdir, tmp_path / "wd")
+    r = yelp_ts("archive", "--workdir", wd, "--model-name", "cli", "--workers", "2",
                 "--torch-threads", "1", "--serve-batch-size", "16", "--max-batch-delay", "7")
     assert r.returncode == 0, r.stderr
-    config = yaml.safe_load((trained_workdir / "torch_model" / "model-config.yaml").read_text())
+    config = yaml.safe_load((wd / "torch_model" / "model-config.yaml").read_text())
     assert (config["minWorkers"], config["batchSize"], config["maxBatchDelay"], config["handler"]["torch_threads"]) == (2, 16, 7, 1)
-    assert (trained_workdir / "torch_model" / "model_store" / "cli.mar").exists()
+    assert (wd / "torch_model" / "model_store" / "cli.mar").exists()
+
+
+def _subparser(name):
+    return next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+
+@pytest.mark.parametrize("command, func", [("data", data.make_data), ("train", training.train),
+                                           ("archive", archive.write_model_config), ("serve", serving.serve),
+                                           ("debug", pipeline.debug)])
+def test_options_and_their_defaults_come_from_the_function(command, func):
+    "Every parameter is an option whose help shows the function's default; an option left out is not passed."
+    help_text = " ".join(_subparser(command).format_help().split())
+    for name, p in inspect.signature(func).parameters.items():
+        if name in cli.SKIP or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL): continue
+        flag = "--" + cli.RENAME.get(func, {}).get(name, name).replace("_", "-")
+        assert flag in help_text, (command, flag)
+        assert f"(default: {p.default})" in help_text, (command, name, p.default)
+    assert cli.given(_subparser(command).parse_args([]), func) == {}
+
+
+def test_shared_defaults_have_one_home():
+    "The defaults every step shares are yelp_ts.core's: the signatures read them, no module repeats the values."
+    sig = lambda f, p: inspect.signature(f).parameters[p].default
+    assert sig(training.train, "max_length") is sig(training.tokenize, "max_length") is core.MAX_LENGTH
+    assert sig(training.train, "model") == sig(training.resolve_model, "model") == core.DEFAULT_MODEL
+    assert sig(data.make_data, "n_train") == core.N_TRAIN and sig(data.make_data, "seed") == core.SEED
+    assert sig(serving.serve, "inference_port") == core.PORTS["inference"]
+    assert sig(archive.build_archive, "model_name") == sig(serving.serve, "model_name") == core.MODEL_NAME
+    literals = {"max length 128": r"length\w*\W{1,6}128\b", "8080": r"\b8080\b", "1.5e-4": r"1\.5e-4", '"minilm"': r'"minilm"',
+                '"torch_model"': r'"torch_model"', '"server.json"': r'"server\.json"', '"key_file.json"': r'"key_file\.json"'}
+    for path in sorted((REPO / "yelp_ts").glob("*.py")):
+        if path.name in ("core.py", "_modidx.py"): continue
+        code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+        found = [name for name, pattern in literals.items() if re.search(pattern, code)]
+        assert not found, f"{path.name} repeats {found}: import it from yelp_ts.core"
+
+
+def test_readme_command_line_shows_the_defaults_in_force():
+    "Each `[--option VALUE]` in the README's command-line block is the default the command would use."
+    block = re.search(r"## The command line\n+```\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    checked = 0
+    for line in block.splitlines():
+        command = line.split()[1]
+        if line.split()[2] == "|": continue                      # `status | stop`
+        for flag, value in re.findall(r"\[(--[a-z-]+) ([^\]\s|]+)\]", line):
+            action = next((a for a in _subparser(command)._actions if flag in a.option_strings), None)
+            assert action is not None, f"README: `yelp-ts {command} {flag}` is not an option"
+            if value.isupper() or value.startswith("{"): continue   # a placeholder (W, N, DIR) or the choices
+            assert f"(default: {value})" in " ".join(action.help.split()), (command, flag, value, action.help)
+            checked += 1
+    assert checked >= 10
+
+
+def test_user_errors_are_one_line_other_errors_keep_their_traceback(tmp_path, monkeypatch):
+    r = yelp_ts("train", "--workdir", tmp_path, "--model", "/no/such/model")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("yelp-ts train: error:")
+    assert "Traceback" not in r.stderr and "--model minilm" in r.stderr
+    def bug(args): raise ValueError("a shape mismatch: a bug, not the user's doing")
+    monkeypatch.setitem(cli.COMMANDS, "status", bug)
+    with pytest.raises(ValueError, match="shape mismatch"):              # not turned into exit status 2
+        cli.main(["status", "--workdir", str(tmp_path)])
 
 
 def test_run_end_to_end(tmp_path):
@@ -51,3 +118,19 @@ def test_run_end_to_end(tmp_path):
         s = yelp_ts("stop", "--workdir", wd)
     assert s.returncode == 0
     assert not json.loads(yelp_ts("status", "--workdir", wd).stdout)["running"]
+
+
+def test_pipeline_and_index_notebooks_run_the_whole_article(tmp_path):
+    "05c_pipeline (run, then the debug cycle) and the index's five calls, small, on free ports; nothing left running."
+    for name in ("05c_pipeline", "index"):
+        wd = tmp_path / name
+        run_notebook(name, tmp_path / "executed", workdir=str(wd), n_train=48, n_eval=16, epochs=1,
+                     inference_port=_free_run_of_ports())
+        assert not serving.status(wd)["running"]
+
+
+def _free_run_of_ports(n=3):
+    "A port p such that p, p+1, ..., p+n-1 are all free on 127.0.0.1."
+    while True:
+        p = free_port()
+        if p + n < 65536 and all(serving.port_free(p + i) for i in range(n)): return p

@@ -1,18 +1,23 @@
 """yelp_ts.data: the embedded sample, the CSV source and its errors, the offline Hub path, the baseline."""
 import json
-import time
 
 import pytest
 
-from yelp_ts.data import (LABEL_NAMES, data_dir, data_info, hub_reachable, load_data, make_data, model_dir,
-                          read_reviews_csv, require_hub, sample_reviews, tfidf_baseline)
+import datasets
+import socket
+
+from yelp_ts import core
+from yelp_ts.core import LABEL_NAMES, YelpTsError, data_dir, hub_reachable, model_dir, require_hub
+from yelp_ts.data import data_info, load_data, make_data, read_reviews_csv, tfidf_baseline
+from yelp_ts.sample import sample_reviews
 
 OFFLINE_VARS = ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "HF_ENDPOINT"]
 
 
-def test_shared_facts():
+def test_work_directory_layout():
     assert LABEL_NAMES == ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"]
-    assert data_dir("w") / "x" == data_dir("w") / "x" and str(data_dir("w")) == "w/data" and str(model_dir("w")) == "w/torch_model"
+    assert str(data_dir("w")) == "w/data" and str(model_dir("w")) == "w/torch_model"
+    assert str(core.mar_path("w", "m")) == "w/torch_model/model_store/m.mar"
 
 
 def test_sample_is_deterministic_and_balanced():
@@ -83,8 +88,9 @@ def test_label_csv_is_accepted(tmp_path):
 ])
 def test_bad_csv_names_the_row(tmp_path, body, needles):
     path = _csv(tmp_path, body)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(YelpTsError) as e:
         make_data(tmp_path / "w", str(path), n_train=1, n_eval=1)
+    assert isinstance(e.value, ValueError)
     for needle in needles:
         assert needle in str(e.value), (needle, str(e.value))
     assert not (tmp_path / "w" / "data" / "train.csv").exists()
@@ -103,31 +109,38 @@ def test_missing_csv_and_unknown_source(tmp_path):
         make_data(tmp_path, "imdb")
 
 
-def _assert_fast_hub_error(tmp_path, limit):
-    start = time.monotonic()
+@pytest.fixture
+def no_download(monkeypatch):
+    "Fail the test if anything tries to load a dataset from the Hub (which retries for ~23 s offline)."
+    def forbidden(*args, **kwargs): raise AssertionError(f"load_dataset was called: {args}")
+    monkeypatch.setattr(datasets, "load_dataset", forbidden)
+
+
+def _assert_hub_error_before_any_download(tmp_path):
     with pytest.raises(ConnectionError) as e:
         make_data(tmp_path, "yelp_review_full", n_train=10, n_eval=10)
-    assert time.monotonic() - start < limit
+    assert isinstance(e.value, YelpTsError)
     message = str(e.value)
     assert "--source sample" in message and "CSV" in message and "yelp_review_full" in message
     assert not (tmp_path / "data").exists()
     return message
 
 
-def test_offline_hub_fails_fast(tmp_path, monkeypatch):
+def test_offline_hub_fails_without_trying_the_network(tmp_path, monkeypatch, no_download):
     for var in OFFLINE_VARS: monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.monotonic()
-    assert hub_reachable() is False and time.monotonic() - start < 0.5
-    assert "HF_HUB_OFFLINE" in _assert_fast_hub_error(tmp_path, 2)
+    def no_network(*args, **kwargs): raise AssertionError("the offline switch must answer without a connection")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    assert hub_reachable() is False
+    assert "HF_HUB_OFFLINE" in _assert_hub_error_before_any_download(tmp_path)
 
 
-def test_unreachable_hub_fails_fast(tmp_path, monkeypatch):
+def test_unreachable_hub_fails_before_any_download(tmp_path, monkeypatch, no_download):
     "The real network path: a host whose DNS lookup fails (.invalid never resolves), no offline switch set."
     for var in OFFLINE_VARS: monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
     assert hub_reachable(timeout=2) is False
-    assert "hub.invalid" in _assert_fast_hub_error(tmp_path, 10)
+    assert "hub.invalid" in _assert_hub_error_before_any_download(tmp_path)
     with pytest.raises(ConnectionError, match="--model minilm"):
         require_hub("The model distilbert-base-uncased", "`--model minilm`")
 

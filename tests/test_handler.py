@@ -10,8 +10,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import run_notebook
-from yelp_ts.data import LABEL_NAMES
-from yelp_ts.handler import TransformersClassifierHandler, local_batch, local_context, request_text
+from yelp_ts.core import LABEL_NAMES, MAX_LENGTH
+from yelp_ts.handler import TransformersClassifierHandler, encode, load_model, probabilities, request_text
+from yelp_ts.worker import local_context, run_batch
 
 HANDLER_FILE = Path(importlib.util.find_spec("yelp_ts.handler").origin)
 GOOD = ["The tacos were amazing and the staff was lovely.", "Cold food, rude waiter, never again.",
@@ -42,13 +43,6 @@ def handler(model_dir):
     return h
 
 
-def answer(handler, model_dir, bodies):
-    "Run one batch through `handler`; return (answers, HTTP statuses, context)."
-    context = local_context(model_dir)
-    out = handler.handle(local_batch(context, bodies), context)
-    return out, [context.get_response_status(i)[0] for i in range(len(bodies))], context
-
-
 def test_mixed_batch_answers_every_request_in_order(handler, model_dir):
     bad = list(BAD.values())
     bodies, expect_good = [], []
@@ -57,10 +51,10 @@ def test_mixed_batch_answers_every_request_in_order(handler, model_dir):
         expect_good.append(True)
         bodies.append(bad[i]); expect_good.append(False)
     bodies += bad[len(GOOD):]; expect_good += [False] * (len(bad) - len(GOOD))
-    out, statuses, context = answer(handler, model_dir, bodies)
+    out, statuses, context = run_batch(handler, bodies)
     assert len(out) == len(bodies)
     assert statuses == [200 if g else 400 for g in expect_good]
-    singles = [answer(handler, model_dir, [("text/plain", t)])[0][0] for t in GOOD]
+    singles = [run_batch(handler, [("text/plain", t)])[0][0] for t in GOOD]
     good_out = [a for a, g in zip(out, expect_good) if g]
     for got, alone in zip(good_out, singles):  # each answer belongs to its own request
         assert set(got) == {"label", "stars", "probabilities"}
@@ -75,10 +69,10 @@ def test_mixed_batch_answers_every_request_in_order(handler, model_dir):
 
 @pytest.mark.parametrize("name", list(BAD))
 def test_each_bad_input_is_a_400_and_the_next_request_works(handler, model_dir, name):
-    out, statuses, context = answer(handler, model_dir, [BAD[name]])
+    out, statuses, context = run_batch(handler, [BAD[name]])
     assert statuses == [400] and set(out[0]) == {"error"}
     assert context.get_response_status(0)[1] == out[0]["error"]  # the reason phrase says the same
-    out, statuses, _ = answer(handler, model_dir, [("text/plain", "Great food.")])
+    out, statuses, _ = run_batch(handler, [("text/plain", "Great food.")])
     assert statuses == [200] and out[0]["label"] in LABEL_NAMES
 
 
@@ -87,34 +81,49 @@ def test_accepted_body_types(handler, model_dir):
               ("application/json", '{"data": "Nice."}'), ("application/json", '{"body": "Nice."}'),
               ("application/json; charset=utf-8", b'{"text": "Nice."}'), ("application/octet-stream", b"Nice."),
               ("application/x-www-form-urlencoded", "text=Nice.")]
-    out, statuses, _ = answer(handler, model_dir, bodies)
+    out, statuses, _ = run_batch(handler, bodies)
     assert statuses == [200] * len(bodies)
     assert len({a["label"] for a in out}) == 1
     assert request_text({"data": bytearray("Crème brûlée".encode())}) == "Crème brûlée"  # multipart field `data`
 
 
 def test_probabilities_match_the_model(handler, model_dir):
+    "The one model path against transformers called directly (the only other model-running code in the project)."
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with torch.inference_mode():
-        probs = model(**tokenizer(GOOD[0], return_tensors="pt")).logits.softmax(-1)[0].tolist()
-    got = answer(handler, model_dir, [("text/plain", GOOD[0])])[0][0]
-    assert [got["probabilities"][k] for k in LABEL_NAMES] == pytest.approx(probs, abs=1e-5)
+        direct = model(**tokenizer(GOOD, padding=True, return_tensors="pt")).logits.softmax(-1)
+    assert torch.allclose(probabilities(load_model(model_dir), GOOD), direct, atol=1e-5)
+    got = run_batch(handler, [("text/plain", GOOD[0])])[0][0]
+    assert [got["probabilities"][k] for k in LABEL_NAMES] == pytest.approx(direct[0].tolist(), abs=1e-5)
+
+
+def test_probabilities_in_chunks_equal_one_batch(model_dir):
+    loaded = load_model(model_dir)
+    assert torch.allclose(probabilities(loaded, GOOD, batch_size=3), probabilities(loaded, GOOD), atol=1e-5)
+    assert probabilities(loaded, []).shape == (0, len(LABEL_NAMES))
 
 
 def test_dynamic_padding_and_truncation(handler, model_dir):
-    answer(handler, model_dir, [("text/plain", "Great!"), ("text/plain", "Bad.")])
-    assert handler.padded_length < 10
-    out, statuses, _ = answer(handler, model_dir, [("text/plain", "The food was great but slow. " * 36_000)])  # 1 MB
-    assert statuses == [200] and handler.padded_length == handler.max_length == 128
+    loaded = handler.loaded
+    assert loaded.max_length == MAX_LENGTH                     # saved with the tokenizer by training's save_model
+    assert encode(loaded, ["Great!", "Bad."])["input_ids"].shape[1] < 10
+    assert encode(loaded, ["The food was great but slow. " * 36_000])["input_ids"].shape[1] == MAX_LENGTH   # 1 MB
+    out, statuses, _ = run_batch(handler, [("text/plain", "The food was great but slow. " * 36_000)])
+    assert statuses == [200] and out[0]["label"] in LABEL_NAMES
 
 
-def test_settings_come_from_model_config(model_dir):
+def test_settings_come_from_model_config_and_threads_do_not_leak(model_dir):
     h = TransformersClassifierHandler()
     h.initialize(local_context(model_dir, handler_settings={"max_length": 16, "torch_threads": 1}))
-    answer(h, model_dir, [("text/plain", "The food was great but slow. " * 20)])
-    assert h.max_length == h.padded_length == 16
-    assert torch.get_num_threads() == 1
+    seen = []
+    h.loaded.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["input_ids"].shape[1], torch.get_num_threads())), with_kwargs=True)
+    before = torch.get_num_threads()
+    assert before > 1, "needs a machine with 2+ cores to tell 1 thread from the default"
+    run_batch(h, [("text/plain", "The food was great but slow. " * 20)])
+    assert seen == [(16, 1)]                   # the model ran on 16 tokens with 1 thread ...
+    assert torch.get_num_threads() == before   # ... and the caller's thread count is untouched
 
 
 def test_missing_index_to_name_falls_back_to_config(model_dir, tmp_path, caplog):
@@ -123,17 +132,22 @@ def test_missing_index_to_name_falls_back_to_config(model_dir, tmp_path, caplog)
     h = TransformersClassifierHandler()
     with caplog.at_level(logging.WARNING):
         h.initialize(local_context(tmp_path))
-    assert h.mapping == LABEL_NAMES and "index_to_name.json" in caplog.text
-    out, statuses, _ = answer(h, tmp_path, [("text/plain", "Lovely place.")])
+    assert h.loaded.labels == LABEL_NAMES and "index_to_name.json" in caplog.text
+    out, statuses, _ = run_batch(h, [("text/plain", "Lovely place.")])
     assert statuses == [200] and out[0]["label"] in LABEL_NAMES
 
 
 def test_logs_sizes_never_text(handler, model_dir, caplog):
     secret = "Zanzibar-unique-review-text"
     with caplog.at_level(logging.DEBUG):
-        answer(handler, model_dir, [("text/plain", secret), ("application/json", f'{{"text": "{secret}"}}'), BAD["whitespace"]])
+        run_batch(handler, [("text/plain", secret), ("application/json", f'{{"text": "{secret}"}}'), BAD["whitespace"]])
     assert "Batch of 3: 2 answered, 1 rejected" in caplog.text
     assert secret not in caplog.text
+
+
+def test_unknown_setting_is_refused(model_dir):
+    with pytest.raises(ValueError, match="unknown handler setting"):
+        TransformersClassifierHandler().initialize(local_context(model_dir, handler_settings={"max_len": 16}))
 
 
 def test_handler_file_follows_torchserve_rules():
@@ -146,7 +160,13 @@ def test_handler_file_follows_torchserve_rules():
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level], "no relative imports"
     assert imported <= set(sys.stdlib_module_names) | {"torch", "transformers", "ts"}, imported
+    functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert not functions & {"local_context", "local_batch", "run_batch"}, "test helpers must stay out of the MAR"
 
 
 def test_notebook_runs(untrained_model_workdir, tmp_path):
     run_notebook("03_handler", tmp_path, workdir=str(untrained_model_workdir))
+
+
+def test_worker_notebook_runs(untrained_model_workdir, tmp_path):
+    run_notebook("03a_worker", tmp_path, workdir=str(untrained_model_workdir))

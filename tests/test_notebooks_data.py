@@ -1,4 +1,4 @@
-"""nbs/00_data.ipynb and nbs/01_concepts.ipynb run top to bottom under papermill, in a temporary work directory."""
+"""The first notebooks (core, data, sample, concepts) run top to bottom under papermill, in a temporary work directory."""
 import json
 
 import pandas as pd
@@ -35,3 +35,11 @@ def test_concepts_notebook_runs(tmp_path):
     for needle in ["DistilBertForQuestionAnswering", "start_logits", "[CLS]", "[SEP]", "5 stars"]:
         assert needle in text, needle
     assert sorted(p.name for p in tmp_path.iterdir()) == ["executed"]   # it writes nothing
+
+
+def test_core_and_sample_notebooks_run(tmp_path):
+    run_notebook("00_core", tmp_path / "executed")
+    executed = run_notebook("00a_sample", tmp_path / "executed", seed=7)
+    nb = json.loads(executed.read_text())
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the length histogram is missing"

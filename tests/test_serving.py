@@ -13,17 +13,14 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import free_port, run_notebook
 from yelp_ts import serving
 from yelp_ts.archive import build_archive
-from yelp_ts.data import LABEL_NAMES, model_dir
-
-MAX_LENGTH = 128
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-               "index_to_name.json", "metrics.json", "special_tokens_map.json", "vocab.txt")
+from yelp_ts.client import Client, read_keys
+from yelp_ts.core import LABEL_NAMES, METRICS_FILE, MODEL_FILES, TOKENIZER_EXTRAS, YelpTsError, model_dir
+from yelp_ts.demo import demo_predict
+from yelp_ts.handler import load_model, probabilities
 # 16 distinguishable reviews: different wording and sentiment, so each has its own probabilities
 REVIEWS = [
     "Absolutely wonderful dinner, the pasta was perfect and the staff were lovely.",
@@ -49,7 +46,7 @@ def _copy_model(src_wd, dst_wd):
     "Copy the trained model files (not the archive, not a running server's files) into a fresh work directory."
     src, dst = model_dir(src_wd), model_dir(dst_wd)
     dst.mkdir(parents=True, exist_ok=True)
-    for f in MODEL_FILES:
+    for f in MODEL_FILES + TOKENIZER_EXTRAS + (METRICS_FILE,):
         if (src / f).is_file(): shutil.copy2(src / f, dst / f)
     return dst_wd
 
@@ -73,7 +70,7 @@ def _alive(procs):
 def served(trained_workdir, tmp_path_factory):
     "A running TorchServe (batch size 4, one worker) on free ports, in its own work directory; always stopped."
     wd = _copy_model(trained_workdir, tmp_path_factory.mktemp("wd_serving"))
-    build_archive(wd, batch_size=4, max_batch_delay=100, workers=1, torch_threads=1, max_length=MAX_LENGTH)
+    build_archive(wd, batch_size=4, max_batch_delay=100, workers=1, torch_threads=1)
     try:
         info = serving.serve(wd, inference_port=free_port(), management_port=free_port(),
                              metrics_port=free_port(), timeout=240, progress=False)
@@ -84,13 +81,14 @@ def served(trained_workdir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(served):
-    "In-process probabilities (transformers directly, same max_length) for every review in REVIEWS."
-    d = model_dir(served[0])
-    tok, model = AutoTokenizer.from_pretrained(d), AutoModelForSequenceClassification.from_pretrained(d).eval()
-    with torch.inference_mode():
-        probs = [model(**tok(t, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")).logits.softmax(-1)[0].tolist()
-                 for t in REVIEWS]
-    return dict(zip(REVIEWS, probs))
+    "In-process probabilities (the handler's own model path, one review at a time) for every review in REVIEWS."
+    loaded = load_model(model_dir(served[0]))
+    return {t: probabilities(loaded, [t])[0].tolist() for t in REVIEWS}
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return Client.from_workdir(served[0])
 
 
 def _post(info, body, content_type="text/plain", key=None, wd=None):
@@ -106,9 +104,9 @@ def _check_answer(a):
     assert a["label"] == LABEL_NAMES[a["stars"] - 1] == max(a["probabilities"], key=a["probabilities"].get)
 
 
-def test_text_plain_and_json_answer_shape(served):
+def test_text_plain_and_json_answer_shape(served, client):
     wd, info = served
-    key = serving.read_key(wd)
+    key = client.keys["inference"]
     r1 = _post(info, REVIEWS[0].encode(), "text/plain", key)
     r2 = _post(info, json.dumps({"text": REVIEWS[0]}), "application/json", key)
     assert r1.status_code == r2.status_code == 200, (r1.text, r2.text)
@@ -116,9 +114,8 @@ def test_text_plain_and_json_answer_shape(served):
     assert r1.json()["label"] == r2.json()["label"]
 
 
-def test_predictions_equal_in_process_model(served, reference):
-    wd, info = served
-    answers = serving.predict(REVIEWS, wd)
+def test_predictions_equal_in_process_model(client, reference):
+    answers = client.predict(REVIEWS)
     assert len(answers) == len(REVIEWS)
     for text, a in zip(REVIEWS, answers):
         _check_answer(a)
@@ -127,14 +124,14 @@ def test_predictions_equal_in_process_model(served, reference):
         assert max(abs(a["probabilities"][n] - p) for n, p in zip(LABEL_NAMES, ref)) < 1e-4, text
 
 
-def test_16_concurrent_requests_batch_4_each_get_their_own_answer(served, reference):
+def test_16_concurrent_requests_batch_4_each_get_their_own_answer(served, client, reference):
     wd, info = served
-    assert serving.describe_model(wd)[0]["batchSize"] == 4
+    assert client.describe()[0]["batchSize"] == 4
     # the texts must be distinguishable by their probabilities, or a swap would go unnoticed
     refs = list(reference.values())
     assert min(max(abs(a - b) for a, b in zip(refs[i], refs[j]))
                for i in range(16) for j in range(i + 1, 16)) > 1e-3
-    key, barrier, results = serving.read_key(wd), threading.Barrier(16), {}
+    key, barrier, results = client.keys["inference"], threading.Barrier(16), {}
     def ask(text):
         barrier.wait()
         results[text] = _post(info, text.encode(), "text/plain", key)
@@ -148,7 +145,7 @@ def test_16_concurrent_requests_batch_4_each_get_their_own_answer(served, refere
         assert max(abs(a - b) for a, b in zip(got, reference[text])) < 1e-4, text
 
 
-def test_requests_without_or_with_wrong_key_are_refused(served):
+def test_requests_without_or_with_wrong_key_are_refused(served, client):
     wd, info = served
     for key in (None, "wrong-key"):
         r = _post(info, b"Great food", "text/plain", key)
@@ -157,16 +154,16 @@ def test_requests_without_or_with_wrong_key_are_refused(served):
         r = requests.get(info["urls"]["management"], headers=headers, timeout=30)
         assert r.status_code == 400 and "InvalidKey" in r.text
     # the inference key does not open the management API
-    r = requests.get(info["urls"]["management"], headers=serving._auth(wd, "inference"), timeout=30)
+    r = requests.get(info["urls"]["management"], headers={"Authorization": f"Bearer {client.keys['inference']}"}, timeout=30)
     assert r.status_code == 400
-    assert serving.ping(wd) == {"status": "Healthy"}
+    assert client.ping() == {"status": "Healthy"}
 
 
 def test_key_file_private_and_never_logged(served):
     wd, _ = served
     d = model_dir(wd)
     assert (d / "key_file.json").stat().st_mode & 0o777 == 0o600
-    keys = [serving.read_key(wd, api) for api in ("inference", "management", "API")]
+    keys = [entry["key"] for entry in read_keys(wd).values()]
     for f in list((d / "logs").glob("*")) + [d / "server.json", d / "config.properties"]:
         text = f.read_text(errors="replace")
         assert not any(k in text for k in keys), f"a key leaked into {f}"
@@ -180,7 +177,7 @@ def test_config_is_loopback_only_with_model_api_off(served):
     assert "enable_model_api=false" in conf and "disable_token_authorization=false" in conf
     assert "allowed_urls=file://" in conf and "default_workers_per_model" not in conf
     r = requests.post(f"http://127.0.0.1:{info['ports']['management']}/models", params={"url": "http://example.com/x.mar"},
-                      headers=serving._auth(wd, "management"), timeout=30)
+                      headers={"Authorization": f"Bearer {read_keys(wd)['management']['key']}"}, timeout=30)
     assert r.status_code == 405          # registering models over HTTP is disabled
 
 
@@ -196,65 +193,76 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
-def test_bad_input_gets_400_json_and_next_good_request_works(served, name):
+def test_bad_input_gets_400_json_and_next_good_request_works(served, client, name):
     wd, info = served
     body, ctype = BAD_INPUTS[name]
-    t = time.monotonic()
-    r = _post(info, body, ctype, serving.read_key(wd))
+    r = _post(info, body, ctype, client.keys["inference"])
     assert r.status_code == 400, (name, r.status_code, r.text)
     assert r.json().get("error"), r.text
-    _check_answer(serving.predict("The soup was great.", wd)[0])
-    assert time.monotonic() - t < 30
+    _check_answer(client.predict("The soup was great.")[0])
 
 
-def test_1mb_review_is_answered_fast_and_7mb_body_gets_413(served):
+def test_1mb_review_is_answered_and_7mb_body_gets_413(served, client):
     wd, info = served
-    key = serving.read_key(wd)
-    t = time.monotonic()
-    r = _post(info, ("The food was great. " * 52_500).encode(), "text/plain", key)      # ~1 MB
+    key = client.keys["inference"]
+    r = _post(info, ("The food was great. " * 52_500).encode(), "text/plain", key)      # ~1 MB, cut before tokenizing
     assert r.status_code == 200, r.text
     _check_answer(r.json())
-    assert time.monotonic() - t < 10                        # truncated to max_length, not tokenized whole
     r = _post(info, b"x" * 7_000_000, "text/plain", key)                               # over max_request_size
     assert r.status_code == 413
     with pytest.raises(ValueError, match="413"):
-        serving.predict("y" * 7_000_000, wd)
-    _check_answer(serving.predict("Still fine.", wd)[0])
+        client.predict("y" * 7_000_000)
+    _check_answer(client.predict("Still fine.")[0])
 
 
-def test_predict_raises_value_error_on_bad_input_without_retrying(served):
-    wd, _ = served
-    t = time.monotonic()
-    with pytest.raises(ValueError, match="400"):
-        serving.predict("   ", wd)
-    assert time.monotonic() - t < 5          # a bad input is not retried
+def test_predict_raises_on_bad_input_without_retrying(served, client, monkeypatch):
+    sent = []
+    request = client._request
+    monkeypatch.setattr(client, "_request", lambda *a, **k: sent.append(a) or request(*a, **k))
+    with pytest.raises(YelpTsError, match="400") as e:
+        client.predict("   ")
+    assert isinstance(e.value, ValueError) and "empty" in str(e.value)
+    assert len(sent) == 1                    # a bad input is not retried
 
 
-def test_status_and_demo_predict(served):
+def test_status_and_demo_predict(served, client):
     wd, info = served
     s = serving.status(wd)
     assert s["running"] and s["pid"] == info["pid"] and s["health"] == "Healthy" and s["workers"] == ["READY"]
-    answer, fig = serving.demo_predict(REVIEWS[3], wd)
+    answer, fig = demo_predict(client, REVIEWS[3])
     _check_answer(answer)
     assert len(fig.axes[0].patches) == 5
 
 
+def test_client_and_demo_notebooks_against_the_running_server(served, tmp_path):
+    wd, info = served
+    out = run_notebook("05a_client", tmp_path, workdir=str(wd))
+    assert '"label"' in out.read_text() or "'label'" in out.read_text()     # its last cell asked the server
+    run_notebook("05b_demo", tmp_path, workdir=str(wd))
+
+
+def test_client_with_a_wrong_key_and_no_work_directory_says_where_keys_come_from(served):
+    remote = Client(served[1]["urls"]["inference"].rsplit("/predictions", 1)[0], "not-the-key", retries=0)
+    with pytest.raises(YelpTsError, match="key_file.json") as e:
+        remote.predict("Great tacos!")
+    assert isinstance(e.value, PermissionError)
+
+
 def test_serve_twice_in_same_workdir_is_a_clear_error(served):
     wd, info = served
-    with pytest.raises(RuntimeError, match="already running.*yelp-ts stop"):
+    with pytest.raises(YelpTsError, match="already running.*yelp-ts stop"):
         serving.serve(wd, inference_port=free_port(), management_port=free_port(), metrics_port=free_port())
     assert serving.status(wd)["pid"] == info["pid"]
 
 
-def test_predict_survives_a_killed_worker(served):
-    "Kill the model worker: TorchServe restarts it and the client's retries turn that into an answer."
+def test_predict_survives_a_killed_worker(served, client, reference):
+    "Kill the model worker: TorchServe restarts it and the client's retries turn that into the right answers."
     wd, info = served
     [worker] = psutil.Process(info["pid"]).children()
     worker.kill()
-    t = time.monotonic()
-    answers = serving.predict(REVIEWS[:4], wd)
-    assert len(answers) == 4 and all(a["label"] in LABEL_NAMES for a in answers)
-    assert time.monotonic() - t < 60
+    answers = client.predict(REVIEWS[:4])
+    for text, a in zip(REVIEWS[:4], answers):
+        assert max(abs(a["probabilities"][n] - p) for n, p in zip(LABEL_NAMES, reference[text])) < 1e-4
 
 
 @pytest.fixture
@@ -268,7 +276,7 @@ def test_stop_when_nothing_runs_returns_false(empty_workdir):
 
 
 def test_missing_archive_says_run_archive(empty_workdir):
-    with pytest.raises(FileNotFoundError, match="yelp-ts archive"):
+    with pytest.raises(YelpTsError, match="yelp-ts archive"):
         serving.serve(empty_workdir, inference_port=free_port(), management_port=free_port(), metrics_port=free_port())
 
 
@@ -276,7 +284,7 @@ def test_corrupt_or_truncated_archive_is_a_clear_error(served, empty_workdir):
     mar = model_dir(served[0]) / "model_store" / "yelp.mar"
     store = model_dir(empty_workdir) / "model_store"; store.mkdir(parents=True)
     (store / "yelp.mar").write_bytes(mar.read_bytes()[: 1 << 20])      # the first MB of a real archive
-    with pytest.raises(RuntimeError, match="corrupt or truncated.*yelp-ts archive"):
+    with pytest.raises(YelpTsError, match="corrupt or truncated.*yelp-ts archive"):
         serving.serve(empty_workdir, inference_port=free_port(), management_port=free_port(), metrics_port=free_port())
     assert not (model_dir(empty_workdir) / "server.json").exists()
 
@@ -286,7 +294,7 @@ def test_port_in_use_names_port_and_flag(served, empty_workdir):
     os.symlink(model_dir(served[0]) / "model_store" / "yelp.mar", store / "yelp.mar")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); s.listen(); taken = s.getsockname()[1]
-        with pytest.raises(RuntimeError, match=f"port {taken} .*--management-port"):
+        with pytest.raises(YelpTsError, match=f"port {taken} .*--management-port"):
             serving.serve(empty_workdir, inference_port=free_port(), management_port=taken, metrics_port=free_port())
     assert serving.status(empty_workdir)["running"] is False
 
@@ -295,14 +303,14 @@ def test_java_missing_says_how_to_install(served, empty_workdir, monkeypatch):
     monkeypatch.setenv("PATH", str(empty_workdir))
     monkeypatch.delenv("JAVA_HOME", raising=False)
     assert serving.java_version() is None
-    with pytest.raises(RuntimeError, match="Java 11\\+.*apt-get install openjdk-17-jre-headless"):
+    with pytest.raises(YelpTsError, match="Java 11\\+.*apt-get install openjdk-17-jre-headless"):
         serving.serve(empty_workdir, inference_port=free_port())
 
 
 def test_restart_gives_new_key_client_follows_and_stop_leaves_no_process(served):
     "Runs last in this module: stop (no process left), restart in the same work directory, stop again."
     wd, info = served
-    old_key, procs = serving.read_key(wd), _procs(info["pid"])
+    old_key, procs = read_keys(wd)["inference"]["key"], _procs(info["pid"])
     assert len(procs) >= 2                                   # java + its worker
     assert serving.stop(wd) is True
     assert _alive(procs) == []
@@ -311,16 +319,19 @@ def test_restart_gives_new_key_client_follows_and_stop_leaves_no_process(served)
 
     info2 = serving.serve(wd, **{f"{k}_port": info["ports"][k] for k in ("inference", "management", "metrics")},
                           timeout=240, progress=False)
-    assert serving.read_key(wd) != old_key
+    assert read_keys(wd)["inference"]["key"] != old_key
     assert _post(info2, b"good", "text/plain", old_key).status_code == 400
-    _check_answer(serving.predict("Back again, still great.", wd)[0])
+    stale = Client.from_workdir(wd)
+    stale.keys["inference"] = old_key                        # a client built before the restart ...
+    _check_answer(stale.predict("Back again, still great.")[0])   # ... re-reads the key when refused
+    assert stale.keys["inference"] == read_keys(wd)["inference"]["key"]
     procs = _procs(info2["pid"])
     assert serving.stop(wd) is True
     assert _alive(procs) == []
 
 
 def test_serving_notebook_runs(trained_workdir, tmp_path):
-    "The serving notebook under papermill on free ports: it starts, predicts, runs the debug cycle and stops."
+    "The serving notebook under papermill on free ports: it starts, predicts and stops."
     wd = _copy_model(trained_workdir, tmp_path / "wd")
     out = run_notebook("05_serving", tmp_path / "executed", workdir=str(wd), inference_port=free_port(),
                        management_port=free_port(), metrics_port=free_port(), timeout=240)

@@ -1,12 +1,12 @@
 """nbs/02_training.ipynb: the model it saves, the metrics it writes, and yelp_ts.training's error cases."""
 import json
-import time
 
 import pytest
 from conftest import SMALL_DATA, SMALL_TRAIN
+from transformers import AutoTokenizer
 
 from yelp_ts import training
-from yelp_ts.data import LABEL_NAMES, model_dir
+from yelp_ts.core import LABEL_NAMES, YelpTsError, embedded_model_dir, model_dir
 
 METRIC_KEYS = {"eval_accuracy", "eval_macro_f1", "train_samples_per_second", "baseline_accuracy",
                "baseline_macro_f1", "model", "data", "epochs", "max_length", "padding", "learning_rate"}
@@ -40,27 +40,29 @@ def test_metrics(trained_workdir):
     assert len([h for h in history if "eval_accuracy" in h]) == int(SMALL_TRAIN["epochs"])  # one evaluation per epoch
 
 
-def test_predict_texts(trained_workdir):
-    answers = training.predict_texts(["Great food and friendly staff.", "Terrible. Cold food, rude waiter."],
-                                     workdir=trained_workdir)
-    assert len(answers) == 2
-    for a in answers:
-        assert set(a) == {"label", "stars", "probabilities"}
-        assert list(a["probabilities"]) == LABEL_NAMES
-        assert abs(sum(a["probabilities"].values()) - 1) < 1e-4
-        assert a["label"] == LABEL_NAMES[a["stars"] - 1] == max(a["probabilities"], key=a["probabilities"].get)
-    with pytest.raises(ValueError, match="empty"):
-        training.predict_texts(["fine", "  "], workdir=trained_workdir)
+def test_saved_tokenizer_cuts_where_training_did(trained_workdir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir(trained_workdir))
+    assert tokenizer.model_max_length == SMALL_TRAIN["max_length"]
+    assert len(tokenizer("word " * 1000, truncation=True)["input_ids"]) == SMALL_TRAIN["max_length"]
 
 
-def test_load_trained_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="yelp-ts train"):
-        training.load_trained(tmp_path)
+def test_evaluate_the_saved_model_through_the_serving_path(trained_workdir):
+    "The saved model, loaded by the handler's load_model, scores what the trainer measured on the same split."
+    metrics = json.loads((model_dir(trained_workdir) / "metrics.json").read_text())
+    scores = training.evaluate(trained_workdir)
+    assert abs(scores["accuracy"] - metrics["eval_accuracy"]) < 0.02, (scores["accuracy"], metrics["eval_accuracy"])
+    assert len(scores["predicted"]) == len(scores["labels"]) == SMALL_DATA["n_eval"]
+    assert set(scores["predicted"]) <= set(range(len(LABEL_NAMES)))
+
+
+def test_evaluate_without_model_says_train(tmp_path):
+    with pytest.raises(YelpTsError, match="yelp-ts train"):
+        training.evaluate(tmp_path)
 
 
 def test_resolve_model_alias_and_dir(tmp_path):
     path = training.resolve_model("minilm")
-    assert path == training.MODEL_ALIASES["minilm"] == training.resolve_model()
+    assert path == str(embedded_model_dir()) == training.resolve_model()
     assert (training.Path(path) / "config.json").is_file()
     assert training.resolve_model(path) == str(training.Path(path).resolve())
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -69,18 +71,20 @@ def test_resolve_model_alias_and_dir(tmp_path):
         training.resolve_model(str(tmp_path / "nope"))
 
 
-def test_resolve_model_hub_offline_fails_fast(monkeypatch):
+def test_resolve_model_hub_offline_fails_without_downloading(monkeypatch):
     import huggingface_hub
+    import transformers
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # as if never downloaded
-    start = time.monotonic()
-    with pytest.raises(ConnectionError, match="--model minilm"):
-        training.resolve_model("distilbert-base-uncased")
-    assert time.monotonic() - start < 10
+    def forbidden(*args, **kwargs): raise AssertionError("from_pretrained was called")
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", forbidden)
+    with pytest.raises(ConnectionError, match="--model minilm") as e:
+        training.train(model="distilbert-base-uncased")
+    assert isinstance(e.value, YelpTsError)
 
 
 def test_bad_padding(tmp_path):
-    with pytest.raises(ValueError, match="padding"):
+    with pytest.raises(YelpTsError, match="padding"):
         training.train(tmp_path, padding="longest")
     with pytest.raises(ValueError, match="padding"):
         training.tokenize(None, None, padding="pad")

