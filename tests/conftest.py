@@ -1,18 +1,18 @@
 """Shared fixtures: notebooks run by papermill into temporary work directories with small parameters."""
-import os
 import socket
-import sys
 from pathlib import Path
 
 import papermill as pm
 import pytest
+
+from yelp_ts.core import MAX_LENGTH
 
 REPO = Path(__file__).resolve().parents[1]
 NBS = REPO / "nbs"
 
 # Small sizes for CI: big enough that the fine-tuned model beats the TF-IDF baseline.
 SMALL_DATA = dict(n_train=320, n_eval=120, seed=42)
-SMALL_TRAIN = dict(epochs=5, max_length=128, batch_size=8)
+SMALL_TRAIN = dict(epochs=5, max_length=MAX_LENGTH, batch_size=8)
 
 
 def run_notebook(name, out_dir, **parameters):

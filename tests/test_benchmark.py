@@ -1,17 +1,19 @@
 """The quick benchmark's code path on a tiny load: the report's structure, not its timings."""
 import json
 
-import pytest
 
-from conftest import free_port, run_notebook
+from conftest import link_model, run_notebook
 from yelp_ts import benchmark, serving
+from yelp_ts.core import MAX_LENGTH
 
 
 def test_quick_benchmark_report(trained_workdir, tmp_path):
     "The benchmark notebook under papermill, quick mode on a tiny load: it runs and its report has every part."
-    run_notebook("06_benchmark", tmp_path / "executed", workdir=str(trained_workdir), quick=True,
-                 inference_port=free_port(), n_requests=24, seconds=0.5, training_steps=2)
-    out = trained_workdir / "bench"
+    wd = link_model(trained_workdir, tmp_path / "wd")
+    (wd / "data").symlink_to(trained_workdir / "data")
+    run_notebook("06_benchmark", tmp_path / "executed", workdir=str(wd), quick=True, n_requests=24, seconds=0.5,
+                 training_steps=2)
+    out = wd / "bench"
     result = json.loads((out / "results.json").read_text())
     assert result["quick"] is True
     md = (out / "results.md").read_text()
@@ -28,7 +30,7 @@ def test_quick_benchmark_report(trained_workdir, tmp_path):
     assert result["article"]["model_config"] == benchmark.ARTICLE_CONFIG
     assert result["yelp_ts"]["model_config"] == benchmark.tuned_config()
     assert {r["batch_size"] for r in result["ceiling"]} == {1, benchmark.tuned_config()["batch_size"]}
-    assert [r["max_length"] for r in result["training"]] == [128, 256]
+    assert [r["max_length"] for r in result["training"]] == [MAX_LENGTH, 256]
     assert all(r["best_vs_article"] > 0 for r in result["training"])
     assert [o["option"] for o in result["options"]] == ["fp32", "int8 dynamic"]
     assert all(0 <= o["accuracy"] <= 1 for o in result["options"])

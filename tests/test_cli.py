@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port, link_model, run_notebook
-from yelp_ts import archive, cli, core, data, pipeline, serving, training
+from yelp_ts import archive, cli, core, data, serving, training
 
 YELP_TS = str(Path(sys.executable).parent / "yelp-ts")
 
@@ -41,7 +41,8 @@ def _subparser(name):
 
 @pytest.mark.parametrize("command, func", [("data", data.make_data), ("train", training.train),
                                            ("archive", archive.write_model_config), ("serve", serving.serve),
-                                           ("debug", pipeline.debug)])
+                                           ("debug", archive.build_archive), ("debug", serving.serve),
+                                           ("run", training.train), ("run", serving.serve)])
 def test_options_and_their_defaults_come_from_the_function(command, func):
     "Every parameter is an option whose help shows the function's default; an option left out is not passed."
     help_text = " ".join(_subparser(command).format_help().split())
@@ -61,7 +62,8 @@ def test_shared_defaults_have_one_home():
     assert sig(data.make_data, "n_train") == core.N_TRAIN and sig(data.make_data, "seed") == core.SEED
     assert sig(serving.serve, "inference_port") == core.PORTS["inference"]
     assert sig(archive.build_archive, "model_name") == sig(serving.serve, "model_name") == core.MODEL_NAME
-    literals = {"max length 128": r"length\w*\W{1,6}128\b", "8080": r"\b8080\b", "1.5e-4": r"1\.5e-4", '"minilm"': r'"minilm"',
+    literals = {"max length 128": r"length\w*\W{1,6}128\b", "8080": r"\b8080\b", '"yelp"': r'"yelp"',
+                "timeout=300": r"timeout=300\b", "1.5e-4": r"1\.5e-4", '"minilm"': r'"minilm"',
                 '"torch_model"': r'"torch_model"', '"server.json"': r'"server\.json"', '"key_file.json"': r'"key_file\.json"'}
     for path in sorted((REPO / "yelp_ts").glob("*.py")):
         if path.name in ("core.py", "_modidx.py"): continue
@@ -120,17 +122,12 @@ def test_run_end_to_end(tmp_path):
     assert not json.loads(yelp_ts("status", "--workdir", wd).stdout)["running"]
 
 
-def test_pipeline_and_index_notebooks_run_the_whole_article(tmp_path):
+@pytest.mark.parametrize("name", ["05c_pipeline", "index"])
+def test_pipeline_and_index_notebooks_run_the_whole_article(tmp_path, name):
     "05c_pipeline (run, then the debug cycle) and the index's five calls, small, on free ports; nothing left running."
-    for name in ("05c_pipeline", "index"):
-        wd = tmp_path / name
-        run_notebook(name, tmp_path / "executed", workdir=str(wd), n_train=48, n_eval=16, epochs=1,
-                     inference_port=_free_run_of_ports())
-        assert not serving.status(wd)["running"]
-
-
-def _free_run_of_ports(n=3):
-    "A port p such that p, p+1, ..., p+n-1 are all free on 127.0.0.1."
-    while True:
-        p = free_port()
-        if p + n < 65536 and all(serving.port_free(p + i) for i in range(n)): return p
+    wd = tmp_path / "wd"
+    try:
+        run_notebook(name, tmp_path / "executed", workdir=str(wd), n_train=48, n_eval=16, epochs=1)
+        assert json.loads((wd / "torch_model" / "metrics.json").read_text())["data"]["n_train"] == 48
+    finally:
+        assert not serving.stop(wd), "the notebook left its server running"

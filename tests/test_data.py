@@ -1,5 +1,4 @@
 """yelp_ts.data: the embedded sample, the CSV source and its errors, the offline Hub path, the baseline."""
-import json
 
 import pytest
 

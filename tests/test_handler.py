@@ -120,7 +120,7 @@ def test_settings_come_from_model_config_and_threads_do_not_leak(model_dir):
     h.loaded.model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append((kwargs["input_ids"].shape[1], torch.get_num_threads())), with_kwargs=True)
     before = torch.get_num_threads()
-    assert before > 1, "needs a machine with 2+ cores to tell 1 thread from the default"
+    if before < 2: pytest.skip("needs 2+ torch threads to tell 1 thread from the default")
     run_batch(h, [("text/plain", "The food was great but slow. " * 20)])
     assert seen == [(16, 1)]                   # the model ran on 16 tokens with 1 thread ...
     assert torch.get_num_threads() == before   # ... and the caller's thread count is untouched

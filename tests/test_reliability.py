@@ -12,7 +12,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -252,7 +251,7 @@ def test_mar_with_unloadable_model_fails_fast_and_leaves_no_server(server, tmp_p
              "garbage model file")
     t = time.monotonic()
     with pytest.raises(YelpTsError, match=r"did not come up: the model (did not load|'s worker keeps dying)") as e:
-        serving.serve(tmp_path, **_ports(), timeout=600, progress=False)   # it reads the failure, not the timeout
+        serving.serve(tmp_path, **_ports(), timeout=120, progress=False)   # it reads the failure; a timeout says otherwise
     report("unloadable model: serve fails after (s)", round(time.monotonic() - t, 1))
     assert isinstance(e.value, RuntimeError) and "Log tail" in str(e.value)
     assert serving.status(tmp_path)["running"] is False and _processes_of(tmp_path) == []
@@ -430,7 +429,7 @@ def test_500_mixed_good_and_bad_requests_in_one_burst(server, reference):
 
 def test_1mb_review(server, reference):
     "A 1 MB review is cut to max_length before tokenizing: answered, and right (test_serving checks 200/413)."
-    wd, url, key = server["wd"], _url(server), _key(server["wd"])
+    url, key = _url(server), _key(server["wd"])
     texts = [(f"Review {i}: " + "The brisket was smoky, the sides were cold and the staff were kind. " * 16_000)[:1_000_000]
              for i in range(3)]
     times = []
@@ -536,7 +535,6 @@ def test_worker_killed_during_load_recovers_and_predict_answers_every_text(serve
     report("worker kill: longest gap between 200s after the kill (s)", round(gap, 2))
     assert mismatches == []
     assert len(errors) <= 8                          # at most the killed worker's batch (4 clients, batch size 8)
-    assert recovery >= 0
 
     # 2. Client.predict (bounded retries with backoff) during a second kill: an answer for every text
     texts = reviews(160, seed=160, prefix="Retry")
@@ -590,7 +588,6 @@ def test_key_file_private_and_no_key_in_any_log(server):
     assert _post(_url(server), b"Old key, refused.", old).status_code == 400
     assert _post(_url(server), b"New key, answered.", new).status_code == 200
     assert (d / "key_file.json").stat().st_mode & 0o777 == 0o600
-    assert len(server["keys"]) >= 4                                                # at least two inference keys
     files = [f for f in (d / "logs").rglob("*") if f.is_file()] + [d / "server.json", d / "config.properties"]
     leaks = [(f.name, k) for f in files for k in server["keys"] if k in f.read_text(errors="replace")]
     assert leaks == []

@@ -5,7 +5,7 @@
 #     chmod +x torch_model/debug_torch.sh      # +x (the article's `chmod -x` REMOVES the permission)
 #     torch_model/debug_torch.sh               # optional: --inference-port 8090 --management-port 8091 ...
 #
-# What was fixed against the 2023 script, and where each step lives now (yelp_ts.serving.debug):
+# What was fixed against the 2023 script, and where each step lives now (yelp_ts.pipeline.debug):
 #   - bash shebang and `set -euo pipefail`; no stray `실행하기` line (bash ran it as a command and failed)
 #   - torch-model-archiver packs model.safetensors + tokenizer.json/tokenizer_config.json (transformers 5
 #     writes no pytorch_model.bin / vocab.txt) with the handler yelp_ts/handler.py and model-config.yaml,

@@ -24,7 +24,7 @@ import torch
 
 from . import archive, data, serving
 from .client import read_keys
-from .core import MAX_LENGTH, MODEL_FILES, TOKENIZER_EXTRAS, METRICS_FILE, model_dir
+from .core import BATCH_SIZE, MAX_LENGTH, METRICS_FILE, MODEL_FILES, TOKENIZER_EXTRAS, model_dir
 from .handler import load_model, probabilities
 from .training import evaluate, padding_speed
 
@@ -132,13 +132,13 @@ def deployment_workdir(workdir, name) -> Path:
             (dst / f).unlink(missing_ok=True); (dst / f).symlink_to(src / f)
     return wd
 
-def served(workdir, name, model_config, texts, concurrencies=(1, 4, 16), n_requests=200, max_seconds=30.0, port=8090) -> dict:
+def served(workdir, name, model_config, texts, concurrencies=(1, 4, 16), n_requests=200, max_seconds=30.0) -> dict:
     "Build the MAR with `model_config`, serve it, run the loads, stop it. Returns the config and one row per load."
     wd = deployment_workdir(workdir, name)
     archive.build_archive(wd, **model_config)
-    serving.serve(wd, inference_port=port, management_port=port + 1, metrics_port=port + 2, progress=False)
+    info = serving.serve(wd, progress=False, **serving.free_ports())
     try:
-        key, url = read_keys(wd)["inference"]["key"], f"http://127.0.0.1:{port}/predictions/yelp"
+        key, url = read_keys(wd)["inference"]["key"], info["urls"]["inference"]
         load(url, key, texts[:16], 4, 16, max_seconds)                  # warm-up: every worker loaded
         rows = [load(url, key, texts, c, n_requests if c > 1 else max(n_requests // 4, 20), max_seconds)
                 for c in concurrencies]
@@ -160,7 +160,7 @@ def tuning_grid(cores=None) -> list:
     return grid
 
 # %% ../nbs/06_benchmark.ipynb #fc4520ea
-def training_speed(workdir=".", steps=6, batch_size=16, max_lengths=(MAX_LENGTH, 256)) -> list:
+def training_speed(workdir=".", steps=6, batch_size=BATCH_SIZE, max_lengths=(MAX_LENGTH, 256)) -> list:
     """Training samples/s, same reviews and steps: the article's max_length padding, dynamic padding, and dynamic
     padding with length grouping, at each max length."""
     rows = []
@@ -248,7 +248,7 @@ def report_markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 # %% ../nbs/06_benchmark.ipynb #9408eb7d
-def run_benchmark(workdir=".", quick=False, port=8090, n_requests=None, seconds=None, training_steps=None) -> dict:
+def run_benchmark(workdir=".", quick=False, n_requests=None, seconds=None, training_steps=None) -> dict:
     """Measure ceiling, both deployments, training and options in one run; write bench/results.{json,md}.
     `n_requests`, `seconds` (per measurement) and `training_steps` override the quick/full sizes."""
     loaded = load_model(model_dir(workdir), threads=os.cpu_count())   # fails early: no trained model
@@ -262,13 +262,13 @@ def run_benchmark(workdir=".", quick=False, port=8090, n_requests=None, seconds=
     result["ceiling"] = [in_process(loaded, texts, bs, seconds=secs) for bs in sorted({1, cfg["batch_size"]})]
     budget = 8.0 if quick else 30.0                                 # seconds per load, at most
     logger.info("the article's deployment (TorchServe defaults) …")
-    result["article"] = served(workdir, "article", ARTICLE_CONFIG, texts, n_requests=n, max_seconds=budget, port=port)
+    result["article"] = served(workdir, "article", ARTICLE_CONFIG, texts, n_requests=n, max_seconds=budget)
     logger.info("yelp_ts's deployment %s …", cfg)
-    result["yelp_ts"] = served(workdir, "yelp_ts", cfg, texts, n_requests=n, max_seconds=budget, port=port)
+    result["yelp_ts"] = served(workdir, "yelp_ts", cfg, texts, n_requests=n, max_seconds=budget)
     if not quick:                                                   # the opt-in int8 handler, served
         logger.info("yelp_ts's deployment with quantize=int8 …")
         result["yelp_ts_int8"] = served(workdir, "yelp_ts_int8", {**cfg, "quantize": "int8"}, texts, n_requests=n,
-                                        max_seconds=budget, port=port)
+                                        max_seconds=budget)
     logger.info("training: padding …")
     result["training"] = training_speed(workdir, steps=training_steps or (4 if quick else 10),
                                         max_lengths=sorted({max_length, 256}))

@@ -15,9 +15,9 @@ import logging
 import sys
 from pathlib import Path
 
-from . import archive, data, pipeline, serving, training
+from . import archive, benchmark, data, pipeline, serving, training
 from .client import Client
-from .core import ARTICLE_REVIEW, KEY_FILE, PRESETS, YelpTsError, model_dir
+from .core import ARTICLE_REVIEW, DEFAULT_PRESET, KEY_FILE, PRESETS, YelpTsError, model_dir
 
 # %% ../nbs/07_cli.ipynb #0c76b18e
 HELP = {
@@ -77,8 +77,8 @@ def build_parser():
     def cmd(name, help, *funcs, preset=False):
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--workdir", default=".", type=Path, help=HELP["workdir"] + " (default: the current directory)")
-        if preset: p.add_argument("--preset", choices=CHOICES["preset"], default="embedded",
-                                  help=HELP["preset"] + " (default: embedded)")
+        if preset: p.add_argument("--preset", choices=CHOICES["preset"], default=DEFAULT_PRESET,
+                                  help=HELP["preset"] + f" (default: {DEFAULT_PRESET})")
         for f in funcs: add_options(p, f)
         return p
     cmd("data", "make data/train.csv and data/validation.csv", data.make_data, preset=True)
@@ -89,10 +89,10 @@ def build_parser():
     p.add_argument("texts", nargs="+", metavar="TEXT", help="review text(s); '-' reads one review from stdin")
     cmd("status", "is the server of this work directory running?")
     cmd("stop", "stop the server of this work directory")
-    cmd("debug", "the article's debug cycle: stop → re-archive → restart", pipeline.debug, archive.write_model_config)
+    cmd("debug", "the article's debug cycle: stop → re-archive → restart", archive.build_archive,
+        archive.write_model_config, serving.serve)
     cmd("run", "data → train → archive → serve → predict; leaves the server running", data.make_data, training.train,
         archive.build_archive, archive.write_model_config, serving.serve, preset=True)
-    from yelp_ts import benchmark
     cmd("bench", "measure training and serving speed; writes bench/ in the work directory", benchmark.run_benchmark)
     return parser
 
@@ -125,18 +125,22 @@ def cmd_status(args): print(json.dumps(serving.status(args.workdir)))
 def cmd_stop(args):
     if not serving.stop(args.workdir): print(f"no yelp-ts server is running in {args.workdir}")
 
+def _step_options(args, steps) -> dict:
+    "The options given for any of `steps` (functions), under their parameter names."
+    return {k: v for step in steps for k, v in given(args, step).items()}
+
 def cmd_debug(args):
-    print(json.dumps(pipeline.debug(args.workdir, **given(args, pipeline.debug), **given(args, archive.write_model_config))))
+    options = _step_options(args, (archive.build_archive, serving.serve))
+    print(json.dumps(pipeline.debug(args.workdir, serving=given(args, archive.write_model_config), **options)))
 
 def cmd_bench(args):
-    from yelp_ts import benchmark
     print(benchmark.report_markdown(benchmark.run_benchmark(args.workdir, **given(args, benchmark.run_benchmark))))
 
 # %% ../nbs/07_cli.ipynb #bc7792c8
 def cmd_run(args):
     wd = args.workdir
-    steps = {k: v for step in pipeline.STEPS for k, v in given(args, step).items()}
-    result = pipeline.run(wd, args.preset, serving=given(args, archive.write_model_config), **steps)
+    result = pipeline.run(wd, args.preset, serving=given(args, archive.write_model_config),
+                          **_step_options(args, pipeline.STEPS))
     answer, info = result["answer"], result["server"]
     print(f"\n{ARTICLE_REVIEW!r}\n→ {answer['label']}  " +
           " ".join(f"{k}: {v:.2f}" for k, v in answer["probabilities"].items()))

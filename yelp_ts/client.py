@@ -5,19 +5,19 @@
 # %% auto #0
 __all__ = ['read_keys', 'Client']
 
-# %% ../nbs/05a_client.ipynb #dff6ce26
+# %% ../nbs/05a_client.ipynb #9919d797
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 import requests
+from requests.adapters import HTTPAdapter
 from fastcore.basics import patch
 
 from .core import (KEY_FILE, MODEL_NAME, BadInputError, KeyRefusedError, NotRunningError, ServerError,
                           model_dir, read_server_record)
 
-# %% ../nbs/05a_client.ipynb #5af7b2cd
+# %% ../nbs/05a_client.ipynb #12a42085
 def read_keys(workdir=".") -> dict:
     "The current keys of the server of `workdir`: {'inference': ..., 'management': ..., 'API': ...} with expiry times."
     f = model_dir(workdir) / KEY_FILE
@@ -27,6 +27,8 @@ def read_keys(workdir=".") -> dict:
     try: return json.loads(f.read_text())
     except ValueError:   # TorchServe is writing it right now
         raise NotRunningError(f"{f} is being written: TorchServe for {workdir} is still starting.") from None
+    except PermissionError:
+        raise KeyRefusedError(f"cannot read {f} (mode 0600): run this as the user who started the server.") from None
 
 def _refused_key(r) -> bool:
     return r.status_code == 400 and "InvalidKeyException" in r.text
@@ -36,15 +38,18 @@ def _expired(entry) -> bool:
     try: return datetime.fromisoformat(entry.get("expiration time", "").replace("Z", "+00:00")) <= datetime.now(timezone.utc)
     except ValueError: return False
 
-# %% ../nbs/05a_client.ipynb #86e178d8
+# %% ../nbs/05a_client.ipynb #b090c25e
 class Client:
     "Predictions (and the server's health and model description) from one TorchServe model."
     def __init__(self, url, key=None, model_name=MODEL_NAME, management_url=None, management_key=None,
-                 workdir=None, retries=4, request_timeout=20.0):
-        self.url, self.management_url = url.rstrip("/"), management_url and management_url.rstrip("/")
+                 workdir=None, retries=4, request_timeout=20.0, max_parallel=8):
+        base, _, name = url.rstrip("/").partition("/predictions/")
+        self.url, self.model_name = base, name or model_name
+        self.management_url = management_url and management_url.rstrip("/").partition("/models/")[0]
         self.keys = {"inference": key, "management": management_key}
-        self.model_name, self.workdir, self.retries, self.request_timeout = model_name, workdir, retries, request_timeout
-        self._local = threading.local()
+        self.workdir, self.retries, self.request_timeout, self.max_parallel = workdir, retries, request_timeout, max_parallel
+        self.session = requests.Session()
+        self.session.mount("http://", HTTPAdapter(pool_connections=2, pool_maxsize=max_parallel))
 
     @classmethod
     def from_workdir(cls, workdir=".", **kwargs):
@@ -59,20 +64,16 @@ class Client:
 
     def __repr__(self): return f"Client({self.url}/predictions/{self.model_name})"
 
-    @property
-    def session(self):
-        if not hasattr(self._local, "session"): self._local.session = requests.Session()
-        return self._local.session
-
-# %% ../nbs/05a_client.ipynb #ab0d37ee
+# %% ../nbs/05a_client.ipynb #f294c640
 @patch
 def _request(self: Client, api, method, path, **kwargs):
     "One HTTP request to `api` ('inference' | 'management') with its key; a refused key is refreshed once."
     base = self.url if api == "inference" else self.management_url
     if base is None: raise BadInputError(f"this client has no {api} URL: pass `{api}_url` (or use Client.from_workdir).")
+    extra = kwargs.pop("headers", {})
     for attempt in range(2):
         key = self.keys[api]
-        headers = {**kwargs.pop("headers", {}), **({"Authorization": f"Bearer {key}"} if key else {})}
+        headers = {**extra, **({"Authorization": f"Bearer {key}"} if key else {})}
         try: r = self.session.request(method, base + path, headers=headers, timeout=self.request_timeout, **kwargs)
         except requests.RequestException as e:
             raise NotRunningError(f"TorchServe does not answer at {base} ({type(e).__name__}): is it running? "
@@ -89,8 +90,9 @@ def _refresh_key(self: Client, api, refused) -> bool:
     if self.workdir is None: return False
     keys = read_keys(self.workdir)
     if keys[api]["key"] == refused and _expired(keys[api]) and self.management_url:
-        requests.get(f"{self.management_url}/token", params={"type": api}, timeout=self.request_timeout,
-                     headers={"Authorization": f"Bearer {keys['API']['key']}"})
+        try: requests.get(f"{self.management_url}/token", params={"type": api}, timeout=self.request_timeout,
+                          headers={"Authorization": f"Bearer {keys['API']['key']}"}).raise_for_status()
+        except requests.RequestException: return False
         keys = read_keys(self.workdir)
     self.keys = {name: keys[name]["key"] for name in ("inference", "management")}
     return self.keys[api] != refused
@@ -110,7 +112,7 @@ def describe(self: Client) -> list:
     "The management API's description of the served model: workers, batch size, delay, status."
     return _json(self._request("management", "GET", f"/models/{self.model_name}"), f"GET /models/{self.model_name}")
 
-# %% ../nbs/05a_client.ipynb #0ca395fb
+# %% ../nbs/05a_client.ipynb #9683cebb
 @patch
 def _predict_one(self: Client, text, backoff=0.5):
     path, body = f"/predictions/{self.model_name}", text.encode("utf-8") if isinstance(text, str) else text
@@ -129,9 +131,9 @@ def _predict_one(self: Client, text, backoff=0.5):
     raise last
 
 @patch
-def predict(self: Client, texts, max_parallel=8) -> list:
+def predict(self: Client, texts) -> list:
     "Stars of one review (str) or many (list): one `{label, stars, probabilities}` per text, in order."
     texts = [texts] if isinstance(texts, (str, bytes)) else list(texts)
     if len(texts) <= 1: return [self._predict_one(t) for t in texts]
-    with ThreadPoolExecutor(min(max_parallel, len(texts))) as pool:   # concurrent, so TorchServe can batch
+    with ThreadPoolExecutor(min(self.max_parallel, len(texts))) as pool:   # concurrent, so TorchServe can batch
         return list(pool.map(self._predict_one, texts))

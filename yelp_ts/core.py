@@ -16,19 +16,15 @@ from urllib.parse import urlparse
 __all__ = ['LABEL_NAMES', 'DATA_DIR', 'MODEL_DIR', 'MODEL_STORE', 'INDEX_TO_NAME', 'METRICS_FILE', 'MODEL_CONFIG', 'SERVER_FILE',
            'KEY_FILE', 'MODEL_FILES', 'TOKENIZER_EXTRAS', 'EMBEDDED_MODEL', 'DEFAULT_MODEL', 'EMBEDDED_SOURCE',
            'N_TRAIN', 'N_EVAL', 'SEED', 'MAX_LENGTH', 'EPOCHS', 'LEARNING_RATE', 'BATCH_SIZE', 'MODEL_NAME',
-           'MODEL_VERSION', 'PORTS', 'PRESETS', 'ARTICLE_REVIEW', 'stars_of', 'data_dir', 'model_dir', 'mar_path',
-           'read_metrics', 'read_server_record', 'YelpTsError', 'MissingError', 'BadInputError', 'OfflineError',
-           'NotRunningError', 'KeyRefusedError', 'ServerError', 'ServerTimeoutError', 'embedded_model_dir',
-           'hub_reachable', 'require_hub']
+           'MODEL_VERSION', 'PORTS', 'SERVE_TIMEOUT', 'PRESETS', 'DEFAULT_PRESET', 'ARTICLE_REVIEW', 'data_dir',
+           'model_dir', 'mar_path', 'YelpTsError', 'MissingError', 'BadInputError', 'OfflineError', 'NotRunningError',
+           'KeyRefusedError', 'ServerError', 'ServerTimeoutError', 'read_server_record', 'check_model_dir',
+           'embedded_model_dir', 'hub_reachable', 'require_hub']
 
-# %% ../nbs/00_core.ipynb #356a64e5
+# %% ../nbs/00_core.ipynb #b40177ec
 LABEL_NAMES = ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"]
 
-def stars_of(label: int) -> int:
-    "Stars (1-5) of a class index (0-4), as in yelp_review_full."
-    return int(label) + 1
-
-# %% ../nbs/00_core.ipynb #51d96808
+# %% ../nbs/00_core.ipynb #2dfded15
 DATA_DIR = "data"                       # train.csv, validation.csv, info.json
 MODEL_DIR = "torch_model"               # the article's working folder: model, tokenizer, archive, server files
 MODEL_STORE = "model_store"             # in torch_model/: the MAR archives TorchServe loads
@@ -51,11 +47,11 @@ def model_dir(workdir=".") -> Path:
     "The article's working folder for model, tokenizer, archive and server files: `{workdir}/torch_model`."
     return Path(workdir) / MODEL_DIR
 
-def mar_path(workdir=".", model_name="yelp") -> Path:
+def mar_path(workdir=".", model_name=None) -> Path:
     "The model archive TorchServe serves: `{workdir}/torch_model/model_store/{model_name}.mar`."
-    return model_dir(workdir) / MODEL_STORE / f"{model_name}.mar"
+    return model_dir(workdir) / MODEL_STORE / f"{model_name or MODEL_NAME}.mar"
 
-# %% ../nbs/00_core.ipynb #96aecfa0
+# %% ../nbs/00_core.ipynb #e791cebf
 EMBEDDED_MODEL = "minilm"       # the name of the embedded all-MiniLM-L6-v2 (below)
 DEFAULT_MODEL = EMBEDDED_MODEL  # "distilbert-base-uncased" is the article's (from the Hub)
 EMBEDDED_SOURCE = "sample"      # the embedded sample reviews; "yelp_review_full" is the article's (Hub)
@@ -64,21 +60,11 @@ MAX_LENGTH = 128                # tokens per review, in training and in serving 
 EPOCHS, LEARNING_RATE, BATCH_SIZE = 4, 1.5e-4, 16
 MODEL_NAME, MODEL_VERSION = "yelp", "1.0"   # /predictions/yelp
 PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}   # TorchServe's own defaults, on 127.0.0.1
+SERVE_TIMEOUT = 300             # seconds `serve` waits for the model's first real answer
 PRESETS = {"embedded": dict(source=EMBEDDED_SOURCE, model=DEFAULT_MODEL),          # offline
            "article": dict(source="yelp_review_full", model="distilbert-base-uncased")}   # the article's, from the Hub
+DEFAULT_PRESET = "embedded"
 ARTICLE_REVIEW = "Stopped back by Mellow Mushroom with my mate Justin from Brew Bros."    # the article's example
-
-# %% ../nbs/00_core.ipynb #957e0a90
-def read_metrics(workdir=".") -> dict:
-    "`torch_model/metrics.json` as a dict ({} before training)."
-    path = model_dir(workdir) / METRICS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-def read_server_record(workdir=".") -> dict | None:
-    "`torch_model/server.json` as a dict: the server `yelp_ts.serving.serve` started here (None if there is none)."
-    path = model_dir(workdir) / SERVER_FILE
-    try: return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError): return None
 
 # %% ../nbs/00_core.ipynb #f8bd98db
 class YelpTsError(Exception):
@@ -104,6 +90,26 @@ class ServerError(YelpTsError, RuntimeError):
 
 class ServerTimeoutError(YelpTsError, TimeoutError):
     "TorchServe did not become ready in time."
+
+# %% ../nbs/00_core.ipynb #7045f2cf
+def read_server_record(workdir=".") -> dict | None:
+    "`torch_model/server.json` as a dict: the server `yelp_ts.serving.serve` started here (None if there is none)."
+    path = model_dir(workdir) / SERVER_FILE
+    try: return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError): return None
+    except PermissionError:
+        raise NotRunningError(f"cannot read {path}: run this as the user who started the server.") from None
+
+def check_model_dir(workdir="."):
+    "The model folder `workdir/torch_model`; `MissingError` listing what is missing if it is incomplete."
+    d = model_dir(workdir)
+    missing = [f for f in MODEL_FILES if not (d / f).is_file()]
+    if missing:
+        hint = (" (found pytorch_model.bin: re-save the model with `save_pretrained`, which writes model.safetensors)"
+                if (d / "pytorch_model.bin").is_file() and "model.safetensors" in missing else "")
+        raise MissingError(f"The model folder {d} is missing {', '.join(missing)}{hint}. "
+                           f"Run `yelp-ts train --workdir {workdir}` (or the 02_training notebook) first.")
+    return d
 
 # %% ../nbs/00_core.ipynb #bb6237b6
 def embedded_model_dir() -> Path:

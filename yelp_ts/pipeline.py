@@ -5,44 +5,45 @@
 # %% auto #0
 __all__ = ['logger', 'STEPS', 'debug', 'run']
 
-# %% ../nbs/05c_pipeline.ipynb #7d58247e
+# %% ../nbs/05c_pipeline.ipynb #0fabac55
 import inspect
 import logging
 
 from .archive import build_archive
 from .client import Client
-from .core import ARTICLE_REVIEW, MODEL_NAME, MODEL_VERSION, PORTS, PRESETS, BadInputError
+from .core import ARTICLE_REVIEW, DEFAULT_PRESET, PRESETS, BadInputError
 from .data import make_data
 from .serving import serve, status, stop
 from .training import train
 
 logger = logging.getLogger(__name__)
 
-# %% ../nbs/05c_pipeline.ipynb #26421b03
-def debug(workdir=".", model_name=MODEL_NAME, version=MODEL_VERSION, inference_port=PORTS["inference"],
-          management_port=PORTS["management"], metrics_port=PORTS["metrics"], timeout=300, progress=True,
-          **model_config):
-    "The article's debug cycle as one call: stop the server, rebuild the MAR, start again."
-    stop(workdir)
-    mar = build_archive(workdir, model_name=model_name, version=version, **model_config)
-    info = serve(workdir, model_name=model_name, inference_port=inference_port, management_port=management_port,
-                 metrics_port=metrics_port, timeout=timeout, progress=progress)
-    return {**info, "mar": str(mar)}
-
-# %% ../nbs/05c_pipeline.ipynb #73a07d44
+# %% ../nbs/05c_pipeline.ipynb #22fe229a
 STEPS = (make_data, train, build_archive, serve)
 
 def _parameters(func): return set(inspect.signature(func).parameters) - {"workdir", "model_config"}
 
 def _for(func, options): return {k: v for k, v in options.items() if k in _parameters(func)}
 
-def run(workdir=".", preset="embedded", serving=None, progress=True, **options) -> dict:
+def _check(options, steps):
+    unknown = set(options) - set().union(*map(_parameters, steps))
+    if unknown: raise BadInputError(f"unknown option(s) {sorted(unknown)}: each must be a parameter of "
+                                    + ", ".join(f.__name__ for f in steps))
+
+# %% ../nbs/05c_pipeline.ipynb #a86389f4
+def debug(workdir=".", serving=None, **options) -> dict:
+    "The article's debug cycle as one call: stop the server, rebuild the MAR, start again (`options`: archive, serve)."
+    _check(options, (build_archive, serve))
+    stop(workdir)
+    mar = build_archive(workdir, **_for(build_archive, options), **(serving or {}))
+    return {**serve(workdir, **_for(serve, options)), "mar": str(mar)}
+
+# %% ../nbs/05c_pipeline.ipynb #93d4bb3f
+def run(workdir=".", preset=DEFAULT_PRESET, serving=None, **options) -> dict:
     """The whole article: data → train → archive → serve → the article's review predicted; the server keeps running.
     `options` go to the steps that take them; `serving` (dict) to the MAR's model-config.yaml."""
     if preset not in PRESETS: raise BadInputError(f"preset {preset!r}: use one of {sorted(PRESETS)}.")
-    unknown = set(options) - set().union(*map(_parameters, STEPS))
-    if unknown: raise BadInputError(f"unknown option(s) {sorted(unknown)}: each must be a parameter of "
-                                    + ", ".join(f.__name__ for f in STEPS))
+    _check(options, STEPS)
     options = {**PRESETS[preset], **options}
     if status(workdir).get("running"):
         logger.info("stopping the server left running by an earlier run in %s", workdir)
@@ -50,7 +51,7 @@ def run(workdir=".", preset="embedded", serving=None, progress=True, **options) 
     paths = make_data(workdir, **_for(make_data, options))
     metrics = train(workdir, **_for(train, options))
     mar = build_archive(workdir, **_for(build_archive, options), **(serving or {}))
-    server = serve(workdir, progress=progress, **_for(serve, options))
+    server = serve(workdir, **_for(serve, options))
     [answer] = Client.from_workdir(workdir).predict([ARTICLE_REVIEW])
     return {"data": {k: str(p) for k, p in paths.items()}, "metrics": metrics, "mar": str(mar), "server": server,
             "answer": answer}

@@ -20,8 +20,8 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
 from .core import (BATCH_SIZE, DEFAULT_MODEL, EMBEDDED_MODEL, EPOCHS, INDEX_TO_NAME, LABEL_NAMES, LEARNING_RATE, MAX_LENGTH,
-                          METRICS_FILE, SEED, BadInputError, MissingError, OfflineError, embedded_model_dir, model_dir,
-                          require_hub)
+                          METRICS_FILE, SEED, BadInputError, MissingError, OfflineError, check_model_dir,
+                          embedded_model_dir, model_dir, require_hub)
 from .data import data_info, load_data, tfidf_baseline
 from .handler import load_model, probabilities
 
@@ -216,11 +216,7 @@ def train(workdir=".", model=DEFAULT_MODEL, epochs=EPOCHS, learning_rate=LEARNIN
 def evaluate(workdir=".", split="validation", batch_size=32, loaded=None, **load) -> dict:
     """Accuracy, macro-F1, predicted and true labels of the saved model on a split of `data/`.
     `loaded`: a model from `load_model` (else loaded here, with the `load_model` options in `load`)."""
-    if loaded is None:
-        d = model_dir(workdir)
-        missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (d / f).exists()]
-        if missing: raise MissingError(f"{d} lacks {', '.join(missing)}: run `yelp-ts train` (or nbs/02_training.ipynb) first.")
-        loaded = load_model(d, **load)
+    loaded = loaded or load_model(check_model_dir(workdir), **load)
     rows = load_data(workdir)[split]
     probs = probabilities(loaded, rows["text"], batch_size)
     return {**compute_metrics((probs.numpy(), rows["label"])), "predicted": probs.argmax(-1).tolist(),

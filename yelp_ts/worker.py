@@ -5,17 +5,19 @@
 # %% auto #0
 __all__ = ['local_context', 'local_batch', 'run_batch']
 
-# %% ../nbs/03a_worker.ipynb #2a293278
+# %% ../nbs/03a_worker.ipynb #57d8068d
 import json
 from urllib.parse import parse_qsl
 
 from ts.context import Context, RequestProcessor
 
-# %% ../nbs/03a_worker.ipynb #4d89ef36
+from .core import MODEL_NAME
+
+# %% ../nbs/03a_worker.ipynb #48f044bb
 def local_context(model_dir, handler_settings=None, gpu_id=None, batch_size=8):
     "A real `ts.context.Context` like a TorchServe worker's, for calling the handler in-process."
-    manifest = {"model": {"modelName": "yelp", "handler": "handler.py"}}
-    return Context("yelp", str(model_dir), manifest, batch_size, gpu_id, "0.12.0",
+    manifest = {"model": {"modelName": MODEL_NAME, "handler": "handler.py"}}
+    return Context(MODEL_NAME, str(model_dir), manifest, batch_size, gpu_id, "0.12.0",
                    model_yaml_config={"handler": dict(handler_settings or {})})
 
 # %% ../nbs/03a_worker.ipynb #b0bc71aa
