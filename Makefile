@@ -3,15 +3,18 @@
 #   make test  — fresh venv and the full test suite (what CI runs)
 PY      ?= python3
 VENV    ?= .venv
-BIN     := $(VENV)/bin
+BIN     := $(abspath $(VENV))/bin
 TORCH   ?= torch==2.13.0
+LAB_ARGS ?=
 # keep Jupyter, IPython, matplotlib and pip caches out of $HOME
-export JUPYTER_CONFIG_DIR  ?= $(CURDIR)/$(VENV)/etc/jupyter-config
-export JUPYTER_DATA_DIR    ?= $(CURDIR)/$(VENV)/share/jupyter-data
-export JUPYTER_RUNTIME_DIR ?= $(CURDIR)/$(VENV)/share/jupyter-runtime
-export IPYTHONDIR          ?= $(CURDIR)/$(VENV)/etc/ipython
-export MPLCONFIGDIR        ?= $(CURDIR)/$(VENV)/etc/matplotlib
-export PIP_CACHE_DIR       ?= $(CURDIR)/$(VENV)/pip-cache
+export JUPYTER_CONFIG_DIR  ?= $(abspath $(VENV))/etc/jupyter-config
+export JUPYTER_DATA_DIR    ?= $(abspath $(VENV))/share/jupyter-data
+export JUPYTER_RUNTIME_DIR ?= $(abspath $(VENV))/share/jupyter-runtime
+export IPYTHONDIR          ?= $(abspath $(VENV))/etc/ipython
+export MPLCONFIGDIR        ?= $(abspath $(VENV))/etc/matplotlib
+export PIP_CACHE_DIR       ?= $(abspath $(VENV))/pip-cache
+# JupyterLab refuses to start as root (the usual user in a container) unless told it may
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: venv run test test-quick lab export clean-nbs stop
 
@@ -19,12 +22,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python setup.py settings.ini
+$(abspath $(VENV))/.installed: $(BIN)/python setup.py settings.ini
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(abspath $(VENV))/.installed
 
 run: venv
 	$(BIN)/yelp-ts run
@@ -35,14 +38,15 @@ test: venv
 test-quick: venv
 	$(BIN)/pytest
 
+# jupyter_server_config.py: nbdev's clean-on-save hook, so opening and saving a notebook leaves git status clean
 lab: venv
-	$(BIN)/jupyter lab nbs/
+	$(BIN)/jupyter lab --config=$(CURDIR)/jupyter_server_config.py $(ALLOW_ROOT) $(LAB_ARGS) nbs/
 
 export: venv
 	$(BIN)/nbdev_export
 
 clean-nbs: venv
-	$(BIN)/nbdev_clean
+	$(BIN)/nbdev_clean --clear_all      # drop outputs too: the notebooks are kept without them
 
 stop: venv
 	$(BIN)/yelp-ts stop

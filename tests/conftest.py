@@ -69,3 +69,10 @@ def untrained_model_workdir(tmp_path_factory):
     wd = tmp_path_factory.mktemp("wd_untrained")
     save_model(load_base_model("minilm", seed=0), AutoTokenizer.from_pretrained(embedded_model_dir()), wd, MAX_LENGTH)
     return wd
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    "Keep each phase's report on the test item (`item.rep_call`), so a fixture can tell that its test failed."
+    outcome = yield
+    setattr(item, f"rep_{call.when}", outcome.get_result())

@@ -53,7 +53,7 @@ def test_check_model_dir_returns_the_folder(workdir):
 def test_model_config_defaults(workdir):
     config = yaml.safe_load(write_model_config(workdir).read_text())
     cores = os.cpu_count()
-    assert config == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 2, "responseTimeout": 120,
+    assert config == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 2, "responseTimeout": 120,
                       "handler": {"torch_threads": cores}}     # max_length: the one saved with the tokenizer
 
 
@@ -66,7 +66,7 @@ def test_model_config_max_length_override_and_oversubscription_warning(workdir, 
 
 
 def test_build_archive(workdir):
-    mar = build_archive(workdir)
+    mar = build_archive(workdir, precision="fp32", runtime="torch")
     assert mar == workdir / "torch_model" / "model_store" / "yelp.mar"
     files = mar_files(mar)
     assert {"MAR-INF/MANIFEST.json", "handler.py", "model-config.yaml", *MODEL_FILES} <= set(files)
@@ -77,11 +77,12 @@ def test_build_archive(workdir):
     assert model["configFile"] == "model-config.yaml"
     with zipfile.ZipFile(mar) as z:
         assert z.read("handler.py") == HANDLER_FILE.read_bytes()
-        assert yaml.safe_load(z.read("model-config.yaml"))["batchSize"] == 4
+        assert yaml.safe_load(z.read("model-config.yaml"))["batchSize"] == 8
         assert json.loads(z.read("index_to_name.json")) == {str(i): n for i, n in enumerate(LABEL_NAMES)}
 
     # --force: a rebuild with other settings replaces the archive
-    mar = build_archive(workdir, model_name="yelp", version="2.0", batch_size=16, max_batch_delay=50, workers=1)
+    mar = build_archive(workdir, model_name="yelp", version="2.0", batch_size=16, max_batch_delay=50, workers=1,
+                        precision="fp32", runtime="torch")
     assert mar_manifest(mar)["model"]["modelVersion"] == "2.0"
     with zipfile.ZipFile(mar) as z:
         assert yaml.safe_load(z.read("model-config.yaml"))["batchSize"] == 16
@@ -102,7 +103,7 @@ def test_mar_loads_and_answers_with_torchserve_own_loader(workdir, tmp_path, mon
 
     from yelp_ts.worker import local_batch
 
-    mar = build_archive(workdir, max_length=32)
+    mar = build_archive(workdir, max_length=32, precision="fp32", runtime="torch")
     unpacked = tmp_path / "unpacked"
     with zipfile.ZipFile(mar) as z: z.extractall(unpacked)
     monkeypatch.syspath_prepend(str(unpacked))
@@ -124,7 +125,7 @@ def test_mar_loads_and_answers_with_torchserve_own_loader(workdir, tmp_path, mon
 def test_archive_from_trained_model(trained_workdir, tmp_path):
     "The MAR carries the trained max length in its tokenizer, so the handler cuts reviews where training did."
     wd = link_model(trained_workdir, tmp_path / "wd")
-    mar = build_archive(wd)
+    mar = build_archive(wd, precision="fp32", runtime="torch")
     metrics = json.loads((wd / "torch_model" / "metrics.json").read_text())
     with zipfile.ZipFile(mar) as z:
         assert json.loads(z.read("tokenizer_config.json"))["model_max_length"] == metrics["max_length"]
@@ -135,3 +136,44 @@ def test_archive_from_trained_model(trained_workdir, tmp_path):
 def test_notebook_runs(workdir, tmp_path):
     run_notebook("04_archive", tmp_path / "executed", workdir=str(workdir))
     assert (workdir / "torch_model" / "model_store" / "yelp.mar").is_file()
+
+
+# ---------------------------------------------------------------- precision and runtime, checked against fp32
+@pytest.fixture
+def trained_copy(trained_workdir, tmp_path):
+    wd = link_model(trained_workdir, tmp_path / "wd")
+    (wd / "data").symlink_to(trained_workdir / "data")
+    return wd
+
+
+def test_auto_is_the_fastest_choice_that_keeps_fp32s_answers(trained_copy):
+    from yelp_ts.handler import native_precision
+    choice = archive.choose_serving(trained_copy, batch_size=4)
+    chosen, rows = choice["chosen"], choice["candidates"]
+    assert json.loads((trained_copy / "torch_model" / "parity.json").read_text()) == choice
+    assert choice["texts"] == 100 and {r["precision"] for r in rows} == {native_precision()}   # 100 of the 120 validation reviews
+    assert chosen["agreement"] >= archive.PARITY_MIN and chosen["in_force"] in ("fp32", "bf16")
+    if len(rows) > 1:                                                      # OpenVINO installed: both runtimes measured
+        assert {r["runtime"] for r in rows} == {"torch", "openvino"} and all(r["texts_per_s"] > 0 for r in rows)
+        passing = [r for r in rows if r["agreement"] >= archive.PARITY_MIN]
+        assert chosen["texts_per_s"] == max(r["texts_per_s"] for r in passing)
+    mar = build_archive(trained_copy)
+    handler = archive.mar_model_config(mar)["handler"]
+    assert (handler["precision"], handler["runtime"]) == (chosen["precision"], chosen["runtime"])
+
+
+def test_disagreement_warns_loudly_and_auto_falls_back_to_fp32(trained_copy, monkeypatch, caplog):
+    monkeypatch.setattr(archive, "parity", lambda reference, candidate: {"agreement": 0.9, "max_prob_diff": 0.3})
+    with caplog.at_level(logging.WARNING):
+        asked = archive.choose_serving(trained_copy, "bf16", "torch")["chosen"]
+    assert (asked["precision"], asked["agreement"]) == ("bf16", 0.9)          # as asked, but loudly
+    assert "answers WILL change" in caplog.text and "--precision fp32 --runtime torch" in caplog.text
+    auto = archive.choose_serving(trained_copy)["chosen"]
+    assert (auto["precision"], auto["runtime"]) == ("fp32", "torch")         # auto never serves changed answers
+
+
+def test_fp32_on_torch_is_served_as_trained_without_a_check(trained_copy, monkeypatch):
+    def forbidden(*a, **k): raise AssertionError("no parity check is needed for the model as trained")
+    monkeypatch.setattr(archive, "choose_serving", forbidden)
+    handler = archive.mar_model_config(build_archive(trained_copy, precision="fp32", runtime="torch"))["handler"]
+    assert "precision" not in handler and "runtime" not in handler           # the handler's default: fp32 on torch

@@ -1,41 +1,56 @@
-"""The quick benchmark's code path on a tiny load: the report's structure, not its timings."""
+"""The quick benchmark's code path on a tiny load: the report's structure and the rules it measures by, not its timings."""
 import json
-
 
 from conftest import link_model, run_notebook
 from yelp_ts import benchmark, serving
-from yelp_ts.core import MAX_LENGTH
+from yelp_ts.training import training_precision
 
 
 def test_quick_benchmark_report(trained_workdir, tmp_path):
-    "The benchmark notebook under papermill, quick mode on a tiny load: it runs and its report has every part."
+    "The benchmark notebook under papermill, quick mode on tiny loads: it runs, and its report has every part."
     wd = link_model(trained_workdir, tmp_path / "wd")
     (wd / "data").symlink_to(trained_workdir / "data")
-    run_notebook("06_benchmark", tmp_path / "executed", workdir=str(wd), quick=True, n_requests=24, seconds=0.5,
+    run_notebook("06_benchmark", tmp_path / "executed", workdir=str(wd), quick=True, seconds=0.3, load_seconds=1,
                  training_steps=2)
     out = wd / "bench"
     result = json.loads((out / "results.json").read_text())
-    assert result["quick"] is True
+    assert result["quick"] is True and result["machine"]["torchserve"] == "0.12.0"
+    assert result["machine"]["native_precision"] == training_precision("auto")
     md = (out / "results.md").read_text()
-    for needle in ["| deployment |", "ceiling", "article", "yelp_ts", "served_vs_ceiling_c16",
-                   "yelp_ts_vs_article_c16", "c1_p50_overhead_ms", "dynamic_vs_max_length_training"]:
-        assert needle in md
-    assert result["machine"]["cores"] >= 1 and result["machine"]["torchserve"] == "0.12.0"
-    for name in ("article", "yelp_ts"):
+    for needle in ["| in-process |", "| served |", "| training |", "| target |", *benchmark.TARGETS]:
+        assert needle in md, needle
+
+    ceiling = result["ceiling"]                                     # every runtime and precision this machine runs
+    assert [(r["precision"], r["runtime"]) for r in ceiling] == [tuple(c) for c in benchmark.candidates()]
+    assert ceiling[0]["agreement"] == 1.0 and all(0 <= r["agreement"] <= 1 and r["model_mb"] > 0 for r in ceiling)
+    assert all([b["batch_size"] for b in r["batches"]] == [1, 8, 16] and all(b["samples_per_s"] > 0 for b in r["batches"])
+               for r in ceiling)
+
+    names = ["article", "yelp_ts"] + (["peer"] if "peer" in result else [])
+    for name in names:
         loads = result[name]["loads"]
         assert [r["concurrency"] for r in loads] == [1, 4, 16]
         for r in loads:
-            assert r["errors"] == 0, r["first_errors"]
-            assert r["requests"] > 0 and r["requests_per_s"] > 0 and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+            assert r["errors"] == 0 and r["requests"] > 0 and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+            assert 0 <= r["generator_cpu"] < 1
     assert result["article"]["model_config"] == benchmark.ARTICLE_CONFIG
-    assert result["yelp_ts"]["model_config"] == benchmark.tuned_config()
-    assert {r["batch_size"] for r in result["ceiling"]} == {1, benchmark.tuned_config()["batch_size"]}
-    assert [r["max_length"] for r in result["training"]] == [MAX_LENGTH, 256]
-    assert all(r["best_vs_article"] > 0 for r in result["training"])
-    assert [o["option"] for o in result["options"]] == ["fp32", "int8 dynamic"]
-    assert all(0 <= o["accuracy"] <= 1 for o in result["options"])
+    chosen = json.loads((out / "yelp_ts" / "torch_model" / "parity.json").read_text())["chosen"]
+    handler = result["yelp_ts"]["config"]["handler"]
+    assert (handler["precision"], handler["runtime"]) == (chosen["precision"], chosen["runtime"])
+    assert all(r["queue_p50_ms"] is not None and r["handler_p50_ms"] is not None for r in result["yelp_ts"]["loads"])
+    if "peer" in result:                                            # the peer serves what yelp_ts serves
+        assert (result["peer"]["model_config"]["precision"], result["peer"]["model_config"]["runtime"]) == \
+            (chosen["precision"], chosen["runtime"])
+
+    assert [r["precision"] for r in result["training"]] == ["fp32", training_precision("auto")]
+    assert set(result["ratios"]) == set(benchmark.TARGETS) | {"errors"}
     for ratio in result["ratios"].values():
         assert set(ratio) == {"value", "target", "holds"}
-    # the benchmark's servers are gone
-    for name in ("article", "yelp_ts"):
+    assert result["ratios"]["run_auto_vs_fp32"]["value"] is None        # no `yelp-ts run` here: nothing to estimate from
+    for name in names[:2]:                                          # the benchmark's servers are gone
         assert not serving.status(out / name).get("running")
+
+
+def test_peer_notebook_serves_the_same_answers(trained_workdir, tmp_path):
+    "06a_peer under papermill: LitServe starts, answers like the handler, refuses bad input and wrong keys, and stops."
+    run_notebook("06a_peer", tmp_path / "executed", workdir=str(trained_workdir))

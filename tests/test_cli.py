@@ -47,7 +47,7 @@ def test_options_and_their_defaults_come_from_the_function(command, func):
     "Every parameter is an option whose help shows the function's default; an option left out is not passed."
     help_text = " ".join(_subparser(command).format_help().split())
     for name, p in inspect.signature(func).parameters.items():
-        if name in cli.SKIP or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL): continue
+        if name in cli.SKIP | cli.SKIP_FOR.get(func, set()) or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL): continue
         flag = "--" + cli.RENAME.get(func, {}).get(name, name).replace("_", "-")
         assert flag in help_text, (command, flag)
         assert f"(default: {p.default})" in help_text, (command, name, p.default)
@@ -110,12 +110,23 @@ def test_run_end_to_end(tmp_path):
         assert "yelp-ts stop" in r.stdout and "Authorization: Bearer" in r.stdout
         status = json.loads(yelp_ts("status", "--workdir", wd).stdout)
         assert status["running"]
+        parity = json.loads((wd / "torch_model" / "parity.json").read_text())["chosen"]     # auto, checked against fp32
+        assert status["serving"]["runtime"] == parity["runtime"] and status["serving"]["precision"] == parity["precision"]
+        assert f"precision={parity['precision']} runtime={parity['runtime']}" in status["in_force"]
+        record = json.loads((wd / "torch_model" / "run.json").read_text())
+        assert set(record["steps"]) == {"data", "train", "archive", "serve", "predict"} and record["n_train"] == 48
         p = yelp_ts("predict", "--workdir", wd, "Great tacos, friendly staff.", "Cold food and a rude waiter.")
         answers = [json.loads(line) for line in p.stdout.splitlines()]
         assert len(answers) == 2 and all(a["label"].endswith(("star", "stars")) for a in answers)
         assert set(answers[0]["probabilities"]) == {"1 star", "2 stars", "3 stars", "4 stars", "5 stars"}
         bad = yelp_ts("predict", "--workdir", wd, "   ")
         assert bad.returncode == 2 and "empty" in bad.stderr.lower() and "Traceback" not in bad.stderr
+        why = yelp_ts("explain", "--workdir", wd, "--target", "stars", "Great tacos, rude waiter.")
+        assert why.returncode == 0, why.stderr[-2000:]
+        explanation = json.loads(why.stdout.splitlines()[0])
+        assert explanation["target"] == "stars" and [w["word"] for w in explanation["words"]][:2] == ["Great", "tacos"]
+        refused = yelp_ts("explain", "--workdir", wd, "--target", "9", "Great tacos.")
+        assert refused.returncode == 2 and "from 1 to 5" in refused.stderr and "Traceback" not in refused.stderr
     finally:
         s = yelp_ts("stop", "--workdir", wd)
     assert s.returncode == 0

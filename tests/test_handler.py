@@ -141,7 +141,7 @@ def test_logs_sizes_never_text(handler, model_dir, caplog):
     secret = "Zanzibar-unique-review-text"
     with caplog.at_level(logging.DEBUG):
         run_batch(handler, [("text/plain", secret), ("application/json", f'{{"text": "{secret}"}}'), BAD["whitespace"]])
-    assert "Batch of 3: 2 answered, 1 rejected" in caplog.text
+    assert "Batch of 3: 2 answered, 0 explained, 1 rejected" in caplog.text
     assert secret not in caplog.text
 
 
@@ -159,7 +159,7 @@ def test_handler_file_follows_torchserve_rules():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level], "no relative imports"
-    assert imported <= set(sys.stdlib_module_names) | {"torch", "transformers", "ts"}, imported
+    assert imported <= set(sys.stdlib_module_names) | {"torch", "transformers", "ts", "openvino", "captum"}, imported
     functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     assert not functions & {"local_context", "local_batch", "run_batch"}, "test helpers must stay out of the MAR"
 
@@ -170,3 +170,65 @@ def test_notebook_runs(untrained_model_workdir, tmp_path):
 
 def test_worker_notebook_runs(untrained_model_workdir, tmp_path):
     run_notebook("03a_worker", tmp_path, workdir=str(untrained_model_workdir))
+
+
+# ---------------------------------------------------------------- precision and runtime
+@pytest.fixture
+def no_native_bf16(monkeypatch):
+    "This machine, as if its CPU had no native bf16 (oneDNN says so)."
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+
+
+def test_auto_precision_is_bf16_only_where_it_is_native(no_native_bf16, caplog):
+    from yelp_ts.handler import native_precision, resolve, runs_natively
+    from yelp_ts.training import training_args, training_precision
+    assert not runs_natively("bf16") and native_precision() == "fp32"
+    assert resolve("auto", "torch") == ("fp32", "torch") and training_precision("auto") == "fp32"
+    assert training_args("/tmp/unused", precision="auto").bf16 is False
+    with caplog.at_level(logging.WARNING):
+        assert resolve("bf16", "torch") == ("bf16", "torch")         # asked for explicitly: honoured, with a warning
+    assert "emulated" in caplog.text and "slower than fp32" in caplog.text
+
+
+def test_auto_precision_with_native_bf16(monkeypatch):
+    from yelp_ts.handler import native_precision
+    from yelp_ts.training import training_args
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert native_precision() == "bf16" and training_args("/tmp/unused", precision="auto").bf16 is True
+
+
+def test_auto_runtime(monkeypatch):
+    import importlib.util
+    from yelp_ts.handler import resolve
+    assert resolve("fp32", "auto")[1] == ("openvino" if importlib.util.find_spec("openvino") else "torch")
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve("fp32", "openvino", device="cuda")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert resolve("fp32", "auto")[1] == "torch"
+    with pytest.raises(ValueError, match="pip install openvino"):
+        resolve("fp32", "openvino")
+
+
+@pytest.mark.parametrize("precision, runtime", [("bf16", "torch"), ("fp32", "openvino"), ("bf16", "openvino")])
+def test_load_model_in_each_precision_and_runtime(model_dir, precision, runtime):
+    "Structure, and answers close to fp32 on torch (parity itself is checked on a trained model in test_archive)."
+    pytest.importorskip("openvino") if runtime == "openvino" else None
+    reference, loaded = load_model(model_dir), load_model(model_dir, precision=precision, runtime=runtime)
+    assert (loaded.precision, loaded.runtime, loaded.labels, loaded.max_length) == (precision, runtime, LABEL_NAMES, MAX_LENGTH)
+    assert loaded.in_force in ("fp32", "bf16")              # what really runs (OpenVINO may decide for itself)
+    probs = probabilities(loaded, GOOD)
+    assert probs.dtype == torch.float32 and probs.shape == (len(GOOD), 5)
+    assert torch.allclose(probs.sum(-1), torch.ones(len(GOOD)), atol=1e-5)
+    assert (probs - probabilities(reference, GOOD)).abs().max() < 0.05
+
+
+def test_handler_serves_the_precision_and_runtime_of_its_settings(model_dir, caplog):
+    pytest.importorskip("openvino")
+    h = TransformersClassifierHandler()
+    with caplog.at_level(logging.INFO):
+        h.initialize(local_context(model_dir, handler_settings={"precision": "bf16", "runtime": "openvino"}))
+    assert (h.loaded.precision, h.loaded.runtime) == ("bf16", "openvino")
+    assert "precision=bf16 runtime=openvino (in force:" in caplog.text
+    out, statuses, _ = run_batch(h, [("text/plain", GOOD[0]), ("text/plain", "  ")])
+    assert statuses == [200, 400] and out[0]["label"] in LABEL_NAMES

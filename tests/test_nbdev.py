@@ -61,8 +61,8 @@ def test_no_cell_longer_than_a_screen():
                 assert len("".join(cell["source"]).splitlines()) <= 45, f"{path.name}: {''.join(cell['source'])[:120]}"
 
 
-LAYERS = ["core", "sample", "data", "concepts", "handler", "worker", "training", "archive", "client", "serving", "demo",
-          "pipeline", "benchmark", "cli"]
+LAYERS = ["core", "sample", "data", "concepts", "handler", "explain", "worker", "training", "archive", "client", "serving", "demo",
+          "pipeline", "peer", "benchmark", "scale", "deploy", "cli"]
 
 
 def test_modules_import_only_downwards():

@@ -117,7 +117,7 @@ def reference(untrained_model_workdir):
 def server(untrained_model_workdir, tmp_path_factory):
     "TorchServe with 2 workers x 1 torch thread, batch 8 (a worker survives the other's kill); stopped and checked for leftovers."
     wd = link_model(untrained_model_workdir, tmp_path_factory.mktemp("wd_reliability"))
-    build_archive(wd, batch_size=8, max_batch_delay=20, workers=2, torch_threads=1)
+    build_archive(wd, batch_size=8, max_batch_delay=20, workers=2, torch_threads=1, precision="fp32", runtime="torch")
     state = {"wd": wd, "keys": set()}
     try:
         state["info"] = serving.serve(wd, **_ports(), timeout=240, progress=False)

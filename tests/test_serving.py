@@ -67,7 +67,7 @@ def _alive(procs):
 def served(trained_workdir, tmp_path_factory):
     "A running TorchServe (batch size 4, one worker) on free ports, in its own work directory; always stopped."
     wd = _copy_model(trained_workdir, tmp_path_factory.mktemp("wd_serving"))
-    build_archive(wd, batch_size=4, max_batch_delay=100, workers=1, torch_threads=1)
+    build_archive(wd, batch_size=4, max_batch_delay=100, workers=1, torch_threads=1, precision="fp32", runtime="torch")
     try:
         info = serving.serve(wd, inference_port=free_port(), management_port=free_port(),
                              metrics_port=free_port(), timeout=240, progress=False)
@@ -305,6 +305,19 @@ def test_java_missing_says_how_to_install(served, empty_workdir, monkeypatch):
         serving.serve(empty_workdir, inference_port=free_port())
 
 
+def test_served_explanations_equal_in_process_ones(served, client):
+    "POST /explanations/yelp (JSON with a target, and plain text) answers what `explain` computes in-process."
+    from yelp_ts.handler import explain
+    served_why = client.explain(REVIEWS[:2], target=2) + client.explain([REVIEWS[2]])
+    loaded = load_model(model_dir(served[0]))
+    local = explain(loaded, REVIEWS[:2], [1, 1]) + explain(loaded, [REVIEWS[2]])
+    for s, l in zip(served_why, local):
+        assert (s["target"], s["label"], [w["word"] for w in s["words"]]) == (l["target"], l["label"], [w["word"] for w in l["words"]])
+        assert [w["attribution"] for w in s["words"]] == pytest.approx([w["attribution"] for w in l["words"]], abs=1e-4)
+    with pytest.raises(YelpTsError, match="from 1 to 5"):
+        client.explain(REVIEWS[0], target=0)
+
+
 def test_restart_gives_new_key_client_follows_and_stop_leaves_no_process(served):
     "Runs last in this module: stop (no process left), restart in the same work directory, stop again."
     wd, info = served
@@ -332,9 +345,10 @@ def test_serving_notebook_runs(trained_workdir, tmp_path):
     "The serving notebook under papermill on free ports: it starts, predicts and stops."
     wd = _copy_model(trained_workdir, tmp_path / "wd")
     out = run_notebook("05_serving", tmp_path / "executed", workdir=str(wd), inference_port=free_port(),
-                       management_port=free_port(), metrics_port=free_port(), timeout=240)
+                       management_port=free_port(), metrics_port=free_port(), timeout=240, stop_at_end=True)
     assert serving.status(wd)["running"] is False
     assert not (model_dir(wd) / "server.json").exists()
     text = out.read_text()
     assert "Bearer $KEY" in text                          # the article's curl, shown with the header
     assert not re.findall(r"Bearer\s+(?!\$KEY)[A-Za-z0-9_\-]{6,}", text)   # and no real key in the outputs
+

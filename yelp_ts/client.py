@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['read_keys', 'Client']
 
-# %% ../nbs/05a_client.ipynb #9919d797
+# %% ../nbs/05a_client.ipynb #1664fdd1
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,18 +15,18 @@ from requests.adapters import HTTPAdapter
 from fastcore.basics import patch
 
 from .core import (KEY_FILE, MODEL_NAME, BadInputError, KeyRefusedError, NotRunningError, ServerError,
-                          model_dir, read_server_record)
+                          model_dir, read_server_record, shown)
 
-# %% ../nbs/05a_client.ipynb #12a42085
+# %% ../nbs/05a_client.ipynb #51ccbf24
 def read_keys(workdir=".") -> dict:
     "The current keys of the server of `workdir`: {'inference': ..., 'management': ..., 'API': ...} with expiry times."
     f = model_dir(workdir) / KEY_FILE
     if not f.exists():
-        raise NotRunningError(f"no {f}: TorchServe is not running for {workdir} (or token auth is off); "
-                              f"start it with `yelp-ts serve --workdir {workdir}`.")
+        raise NotRunningError(f"no {f}: TorchServe is not running for {shown(workdir)} (or token auth is off); "
+                              f"start it with `yelp-ts serve --workdir {shown(workdir)}`.")
     try: return json.loads(f.read_text())
     except ValueError:   # TorchServe is writing it right now
-        raise NotRunningError(f"{f} is being written: TorchServe for {workdir} is still starting.") from None
+        raise NotRunningError(f"{f} is being written: TorchServe for {shown(workdir)} is still starting.") from None
     except PermissionError:
         raise KeyRefusedError(f"cannot read {f} (mode 0600): run this as the user who started the server.") from None
 
@@ -38,7 +38,7 @@ def _expired(entry) -> bool:
     try: return datetime.fromisoformat(entry.get("expiration time", "").replace("Z", "+00:00")) <= datetime.now(timezone.utc)
     except ValueError: return False
 
-# %% ../nbs/05a_client.ipynb #b090c25e
+# %% ../nbs/05a_client.ipynb #ddc2c156
 class Client:
     "Predictions (and the server's health and model description) from one TorchServe model."
     def __init__(self, url, key=None, model_name=MODEL_NAME, management_url=None, management_key=None,
@@ -56,15 +56,15 @@ class Client:
         "The client of the server `yelp_ts.serving.serve` started for `workdir` (its ports, model name and keys)."
         record = read_server_record(workdir)
         if not record or not record.get("ports"):
-            raise NotRunningError(f"no TorchServe is running for {workdir} (no {model_dir(workdir) / 'server.json'}): "
-                                  f"start it with `yelp-ts serve --workdir {workdir}`.")
+            raise NotRunningError(f"no TorchServe is running for {shown(workdir)} (no {model_dir(workdir) / 'server.json'}): "
+                                  f"start it with `yelp-ts serve --workdir {shown(workdir)}`.")
         keys, ports = read_keys(workdir), record["ports"]
         return cls(f"http://127.0.0.1:{ports['inference']}", keys["inference"]["key"], record["model_name"],
                    f"http://127.0.0.1:{ports['management']}", keys["management"]["key"], workdir=workdir, **kwargs)
 
     def __repr__(self): return f"Client({self.url}/predictions/{self.model_name})"
 
-# %% ../nbs/05a_client.ipynb #f294c640
+# %% ../nbs/05a_client.ipynb #e79e2c17
 @patch
 def _request(self: Client, api, method, path, **kwargs):
     "One HTTP request to `api` ('inference' | 'management') with its key; a refused key is refreshed once."
@@ -77,11 +77,11 @@ def _request(self: Client, api, method, path, **kwargs):
         try: r = self.session.request(method, base + path, headers=headers, timeout=self.request_timeout, **kwargs)
         except requests.RequestException as e:
             raise NotRunningError(f"TorchServe does not answer at {base} ({type(e).__name__}): is it running? "
-                                  f"(`yelp-ts status --workdir {self.workdir or '.'}`)") from e
+                                  f"(`yelp-ts status --workdir {shown(self.workdir or '.')}`)") from e
         if not _refused_key(r): return r
         if attempt or not self._refresh_key(api, key): break
     raise KeyRefusedError(f"TorchServe refused the {api} key (InvalidKeyException): "
-                          + (f"restart the server with `yelp-ts stop` and `yelp-ts serve --workdir {self.workdir}`."
+                          + (f"restart the server with `yelp-ts stop` and `yelp-ts serve --workdir {shown(self.workdir)}`."
                              if self.workdir else "get a current key from the server's key_file.json and pass it to Client."))
 
 @patch
@@ -112,15 +112,14 @@ def describe(self: Client) -> list:
     "The management API's description of the served model: workers, batch size, delay, status."
     return _json(self._request("management", "GET", f"/models/{self.model_name}"), f"GET /models/{self.model_name}")
 
-# %% ../nbs/05a_client.ipynb #9683cebb
+# %% ../nbs/05a_client.ipynb #f5329066
 @patch
-def _predict_one(self: Client, text, backoff=0.5):
-    path, body = f"/predictions/{self.model_name}", text.encode("utf-8") if isinstance(text, str) else text
-    last = None
+def _post(self: Client, endpoint, body, content_type, backoff=0.5):
+    "POST one request to /`endpoint`/NAME, with bounded retries for a lost or failed try; the answer's JSON."
+    path, last = f"/{endpoint}/{self.model_name}", None
     for attempt in range(self.retries + 1):
         if attempt: time.sleep(min(backoff * 2 ** (attempt - 1), 8))
-        try: r = self._request("inference", "POST", path, data=body,
-                               headers={"Content-Type": "text/plain; charset=utf-8"})
+        try: r = self._request("inference", "POST", path, data=body, headers={"Content-Type": content_type})
         except NotRunningError as e: last = e; continue
         if r.status_code == 200: return r.json()
         try: j = r.json(); msg = (j.get("error") or j.get("message") or j) if isinstance(j, dict) else j
@@ -131,9 +130,21 @@ def _predict_one(self: Client, text, backoff=0.5):
     raise last
 
 @patch
+def _predict_one(self: Client, text):
+    return self._post("predictions", text.encode("utf-8") if isinstance(text, str) else text, "text/plain; charset=utf-8")
+
+@patch
 def predict(self: Client, texts) -> list:
     "Stars of one review (str) or many (list): one `{label, stars, probabilities}` per text, in order."
     texts = [texts] if isinstance(texts, (str, bytes)) else list(texts)
     if len(texts) <= 1: return [self._predict_one(t) for t in texts]
     with ThreadPoolExecutor(min(self.max_parallel, len(texts))) as pool:   # concurrent, so TorchServe can batch
         return list(pool.map(self._predict_one, texts))
+
+# %% ../nbs/05a_client.ipynb #0547dd06
+@patch
+def explain(self: Client, texts, target=None) -> list:
+    "Word attributions for one review (str) or many (list), in order; `target`: stars 1-5, \"stars\", or None (predicted)."
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    one = lambda t: self._post("explanations", json.dumps({"text": t, "target": target}), "application/json")
+    with ThreadPoolExecutor(min(self.max_parallel, max(len(texts), 1))) as pool: return list(pool.map(one, texts))

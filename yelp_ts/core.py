@@ -13,24 +13,27 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 # %% auto #0
-__all__ = ['LABEL_NAMES', 'DATA_DIR', 'MODEL_DIR', 'MODEL_STORE', 'INDEX_TO_NAME', 'METRICS_FILE', 'MODEL_CONFIG', 'SERVER_FILE',
-           'KEY_FILE', 'MODEL_FILES', 'TOKENIZER_EXTRAS', 'EMBEDDED_MODEL', 'DEFAULT_MODEL', 'EMBEDDED_SOURCE',
-           'N_TRAIN', 'N_EVAL', 'SEED', 'MAX_LENGTH', 'EPOCHS', 'LEARNING_RATE', 'BATCH_SIZE', 'MODEL_NAME',
-           'MODEL_VERSION', 'PORTS', 'SERVE_TIMEOUT', 'PRESETS', 'DEFAULT_PRESET', 'ARTICLE_REVIEW', 'data_dir',
-           'model_dir', 'mar_path', 'YelpTsError', 'MissingError', 'BadInputError', 'OfflineError', 'NotRunningError',
-           'KeyRefusedError', 'ServerError', 'ServerTimeoutError', 'read_server_record', 'check_model_dir',
-           'embedded_model_dir', 'hub_reachable', 'require_hub']
+__all__ = ['LABEL_NAMES', 'DATA_DIR', 'MODEL_DIR', 'MODEL_STORE', 'INDEX_TO_NAME', 'METRICS_FILE', 'MODEL_CONFIG', 'PARITY_FILE',
+           'RUN_FILE', 'SERVER_FILE', 'KEY_FILE', 'MODEL_FILES', 'TOKENIZER_EXTRAS', 'EMBEDDED_MODEL', 'DEFAULT_MODEL',
+           'EMBEDDED_SOURCE', 'N_TRAIN', 'N_EVAL', 'SEED', 'MAX_LENGTH', 'EPOCHS', 'LEARNING_RATE', 'BATCH_SIZE',
+           'PRECISION', 'RUNTIME', 'MODEL_NAME', 'MODEL_VERSION', 'PORTS', 'SERVE_TIMEOUT', 'PRESETS', 'DEFAULT_PRESET',
+           'ARTICLE_REVIEW', 'shown', 'data_dir', 'model_dir', 'mar_path', 'YelpTsError', 'MissingError',
+           'BadInputError', 'OfflineError', 'NotRunningError', 'KeyRefusedError', 'ServerError', 'ServerTimeoutError',
+           'TrainingError', 'read_server_record', 'check_model_dir', 'embedded_model_dir', 'hub_reachable',
+           'require_hub']
 
 # %% ../nbs/00_core.ipynb #b40177ec
 LABEL_NAMES = ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"]
 
-# %% ../nbs/00_core.ipynb #2dfded15
+# %% ../nbs/00_core.ipynb #a1ada59c
 DATA_DIR = "data"                       # train.csv, validation.csv, info.json
 MODEL_DIR = "torch_model"               # the article's working folder: model, tokenizer, archive, server files
 MODEL_STORE = "model_store"             # in torch_model/: the MAR archives TorchServe loads
 INDEX_TO_NAME = "index_to_name.json"    # class index → label name, read by the handler
 METRICS_FILE = "metrics.json"           # how the model was trained and how well it scores
 MODEL_CONFIG = "model-config.yaml"      # TorchServe's per-model settings + the handler's section
+PARITY_FILE = "parity.json"             # the precision and runtime chosen for serving, checked against fp32
+RUN_FILE = "run.json"                   # how long each step of `yelp-ts run` took
 SERVER_FILE = "server.json"             # the running server's pid, ports and model name
 KEY_FILE = "key_file.json"              # TorchServe's API keys (written by TorchServe, mode 0600)
 # what a trained model folder must hold for the handler (model.safetensors: transformers 5 writes no .bin)
@@ -38,6 +41,10 @@ MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_
 # tokenizer files that some tokenizers save too; packed and linked along when present
 TOKENIZER_EXTRAS = ("special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
                     "spiece.model", "sentencepiece.bpe.model")
+
+def shown(workdir=".") -> str:
+    "`workdir` as a message names it: absolute, so the command a message suggests works from any directory."
+    return str(Path(workdir).resolve())
 
 def data_dir(workdir=".") -> Path:
     "Where the train/validation CSVs live: `{workdir}/data`."
@@ -51,13 +58,14 @@ def mar_path(workdir=".", model_name=None) -> Path:
     "The model archive TorchServe serves: `{workdir}/torch_model/model_store/{model_name}.mar`."
     return model_dir(workdir) / MODEL_STORE / f"{model_name or MODEL_NAME}.mar"
 
-# %% ../nbs/00_core.ipynb #e791cebf
+# %% ../nbs/00_core.ipynb #029c047e
 EMBEDDED_MODEL = "minilm"       # the name of the embedded all-MiniLM-L6-v2 (below)
 DEFAULT_MODEL = EMBEDDED_MODEL  # "distilbert-base-uncased" is the article's (from the Hub)
 EMBEDDED_SOURCE = "sample"      # the embedded sample reviews; "yelp_review_full" is the article's (Hub)
 N_TRAIN, N_EVAL, SEED = 1000, 100, 42   # the article's sample of yelp_review_full
 MAX_LENGTH = 128                # tokens per review, in training and in serving (longer reviews are cut)
 EPOCHS, LEARNING_RATE, BATCH_SIZE = 4, 1.5e-4, 16
+PRECISION, RUNTIME = "auto", "auto"   # train and serve in what the hardware runs fastest (03_handler), checked against fp32
 MODEL_NAME, MODEL_VERSION = "yelp", "1.0"   # /predictions/yelp
 PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}   # TorchServe's own defaults, on 127.0.0.1
 SERVE_TIMEOUT = 300             # seconds `serve` waits for the model's first real answer
@@ -66,7 +74,7 @@ PRESETS = {"embedded": dict(source=EMBEDDED_SOURCE, model=DEFAULT_MODEL),       
 DEFAULT_PRESET = "embedded"
 ARTICLE_REVIEW = "Stopped back by Mellow Mushroom with my mate Justin from Brew Bros."    # the article's example
 
-# %% ../nbs/00_core.ipynb #f8bd98db
+# %% ../nbs/00_core.ipynb #ec01be06
 class YelpTsError(Exception):
     "A problem the user can fix; the message says what went wrong and what to do next."
 
@@ -91,7 +99,10 @@ class ServerError(YelpTsError, RuntimeError):
 class ServerTimeoutError(YelpTsError, TimeoutError):
     "TorchServe did not become ready in time."
 
-# %% ../nbs/00_core.ipynb #7045f2cf
+class TrainingError(YelpTsError, RuntimeError):
+    "A training process died and took the run down (out of memory, killed): the message says which and where the log is."
+
+# %% ../nbs/00_core.ipynb #93a8796e
 def read_server_record(workdir=".") -> dict | None:
     "`torch_model/server.json` as a dict: the server `yelp_ts.serving.serve` started here (None if there is none)."
     path = model_dir(workdir) / SERVER_FILE
@@ -108,7 +119,7 @@ def check_model_dir(workdir="."):
         hint = (" (found pytorch_model.bin: re-save the model with `save_pretrained`, which writes model.safetensors)"
                 if (d / "pytorch_model.bin").is_file() and "model.safetensors" in missing else "")
         raise MissingError(f"The model folder {d} is missing {', '.join(missing)}{hint}. "
-                           f"Run `yelp-ts train --workdir {workdir}` (or the 02_training notebook) first.")
+                           f"Run `yelp-ts train --workdir {shown(workdir)}` (or the 02_training notebook) first.")
     return d
 
 # %% ../nbs/00_core.ipynb #bb6237b6

@@ -5,13 +5,15 @@
 # %% auto #0
 __all__ = ['logger', 'STEPS', 'debug', 'run']
 
-# %% ../nbs/05c_pipeline.ipynb #0fabac55
+# %% ../nbs/05c_pipeline.ipynb #a1f231d2
 import inspect
+import json
 import logging
+import time
 
 from .archive import build_archive
 from .client import Client
-from .core import ARTICLE_REVIEW, DEFAULT_PRESET, PRESETS, BadInputError
+from .core import ARTICLE_REVIEW, DEFAULT_PRESET, PRESETS, RUN_FILE, BadInputError, model_dir
 from .data import make_data
 from .serving import serve, status, stop
 from .training import train
@@ -38,20 +40,28 @@ def debug(workdir=".", serving=None, **options) -> dict:
     mar = build_archive(workdir, **_for(build_archive, options), **(serving or {}))
     return {**serve(workdir, **_for(serve, options)), "mar": str(mar)}
 
-# %% ../nbs/05c_pipeline.ipynb #93d4bb3f
+# %% ../nbs/05c_pipeline.ipynb #a0f49ae2
 def run(workdir=".", preset=DEFAULT_PRESET, serving=None, **options) -> dict:
     """The whole article: data → train → archive → serve → the article's review predicted; the server keeps running.
-    `options` go to the steps that take them; `serving` (dict) to the MAR's model-config.yaml."""
+    `options` go to the steps that take them; `serving` (dict) to the MAR's model-config.yaml. Step times: run.json."""
     if preset not in PRESETS: raise BadInputError(f"preset {preset!r}: use one of {sorted(PRESETS)}.")
     _check(options, STEPS)
-    options = {**PRESETS[preset], **options}
+    options, steps, clock = {**PRESETS[preset], **options}, {}, time.perf_counter()
+    def step(name, func, *args, **kwargs):
+        start = time.perf_counter(); out = func(*args, **kwargs)
+        steps[name] = round(time.perf_counter() - start, 2)
+        return out
     if status(workdir).get("running"):
         logger.info("stopping the server left running by an earlier run in %s", workdir)
         stop(workdir)
-    paths = make_data(workdir, **_for(make_data, options))
-    metrics = train(workdir, **_for(train, options))
-    mar = build_archive(workdir, **_for(build_archive, options), **(serving or {}))
-    server = serve(workdir, **_for(serve, options))
-    [answer] = Client.from_workdir(workdir).predict([ARTICLE_REVIEW])
+    paths = step("data", make_data, workdir, **_for(make_data, options))
+    metrics = step("train", train, workdir, **_for(train, options))
+    mar = step("archive", build_archive, workdir, **_for(build_archive, options), **(serving or {}))
+    server = step("serve", serve, workdir, **_for(serve, options))
+    [answer] = step("predict", Client.from_workdir(workdir).predict, [ARTICLE_REVIEW])
+    record = {"seconds": round(time.perf_counter() - clock, 2), "steps": steps, "precision": metrics["precision"],
+              **{k: metrics["data"][k] for k in ("n_train", "n_eval")}, "epochs": metrics["epochs"],
+              "serving": server["model_config"].get("handler", {})}
+    (model_dir(workdir) / RUN_FILE).write_text(json.dumps(record, indent=1))
     return {"data": {k: str(p) for k, p in paths.items()}, "metrics": metrics, "mar": str(mar), "server": server,
-            "answer": answer}
+            "answer": answer, "run": record}

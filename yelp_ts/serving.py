@@ -21,11 +21,11 @@ from pathlib import Path
 
 import psutil
 
-from .archive import mar_files
+from .archive import mar_files, mar_model_config
 from .client import Client
 from .core import (KEY_FILE, MODEL_NAME, PORTS, SERVE_TIMEOUT, SERVER_FILE, BadInputError, MissingError,
                           ServerError, ServerTimeoutError, YelpTsError, check_model_dir, mar_path, model_dir,
-                          read_server_record)
+                          read_server_record, shown)
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,10 @@ def check_mar(workdir=".", model_name=MODEL_NAME):
     if not mar.is_file():
         try: check_model_dir(workdir); first = "Build"
         except MissingError as e: first = f"no trained model to build it from ({e}) Then build"
-        raise MissingError(f"no model archive at {mar}: {first} it with `yelp-ts archive --workdir {workdir}` "
+        raise MissingError(f"no model archive at {mar}: {first} it with `yelp-ts archive --workdir {shown(workdir)}` "
                            "(or yelp_ts.archive.build_archive(workdir)).")
     try: mar_files(mar)
-    except BadInputError as e: raise ServerError(f"{e} (work directory {workdir})") from None
+    except BadInputError as e: raise ServerError(f"{e} (work directory {shown(workdir)})") from None
     return mar
 
 # %% ../nbs/05_serving.ipynb #36c1f38c
@@ -92,7 +92,8 @@ def check_ports(ports):
                                f"or pick another port with `yelp-ts serve {flag} PORT` ({api}_port=...).")
 
 # %% ../nbs/05_serving.ipynb #0490e136
-def write_config(workdir=".", ports=None):
+def write_config(workdir=".", ports=None, netty_threads=None, netty_client_threads=None, job_queue_size=None,
+                 cpu_launcher=False):
     "Write `torch_model/config.properties` for `ports` ({api: port}; gRPC ports default to free ones); return its path."
     d = model_dir(workdir).resolve()
     ports = {**PORTS, **(ports or {})}
@@ -105,6 +106,9 @@ def write_config(workdir=".", ports=None):
              f"grpc_management_port={ports.get('grpc_management') or _any_free_port()}",
              "enable_model_api=false", "disable_token_authorization=false",
              f"allowed_urls=file://{store}/.*", "install_py_dep_per_model=false"]
+    tuning = {"number_of_netty_threads": netty_threads, "netty_client_threads": netty_client_threads,
+              "job_queue_size": job_queue_size, "cpu_launcher_enable": "true" if cpu_launcher else None}
+    lines += [f"{k}={v}" for k, v in tuning.items() if v is not None]
     path = d / "config.properties"
     d.mkdir(parents=True, exist_ok=True)
     path.write_text("# written by yelp_ts.serving.write_config\n" + "\n".join(lines) + "\n")
@@ -244,25 +248,28 @@ def _wait_ready(workdir, pid, model_name, timeout, progress, since):
 
 # %% ../nbs/05_serving.ipynb #c00a9c08
 def serve(workdir=".", model_name=MODEL_NAME, inference_port=PORTS["inference"], management_port=PORTS["management"],
-          metrics_port=PORTS["metrics"], timeout=SERVE_TIMEOUT, progress=True, grpc_inference_port=None, grpc_management_port=None):
-    "Start TorchServe for `workdir` in the background; return when the model answers. Returns pid, ports, urls."
+          metrics_port=PORTS["metrics"], timeout=SERVE_TIMEOUT, progress=True, grpc_inference_port=None, grpc_management_port=None,
+          netty_threads=None, netty_client_threads=None, job_queue_size=None, cpu_launcher=False):
+    """Start TorchServe for `workdir` in the background; return when the model answers. Returns pid, ports, urls.
+    `netty_threads`, `netty_client_threads`, `job_queue_size` and `cpu_launcher` tune the frontend (`write_config`)."""
     running = server_info(workdir)
     if running:
-        raise ServerError(f"TorchServe is already running for {workdir} (pid {running['pid']}): use it, or stop "
-                          f"it first with `yelp-ts stop --workdir {workdir}`.")
+        raise ServerError(f"TorchServe is already running for {shown(workdir)} (pid {running['pid']}): use it, or stop "
+                          f"it first with `yelp-ts stop --workdir {shown(workdir)}`.")
     check_java()
-    check_mar(workdir, model_name)
+    mar = check_mar(workdir, model_name)
     ports = dict(inference=inference_port, management=management_port, metrics=metrics_port,
                  grpc_inference=grpc_inference_port or _any_free_port(),
                  grpc_management=grpc_management_port or _any_free_port())
     check_ports(ports)
-    config, since = write_config(workdir, ports), _log_sizes(workdir)
+    config = write_config(workdir, ports, netty_threads, netty_client_threads, job_queue_size, cpu_launcher)
+    since = _log_sizes(workdir)
     pid = _launch(workdir, model_name, config)
     info = dict(pid=pid, model_name=model_name, ports=ports, workdir=str(Path(workdir).resolve()),
                 urls={"inference": f"http://127.0.0.1:{inference_port}/predictions/{model_name}",
                       "management": f"http://127.0.0.1:{management_port}/models/{model_name}",
                       "metrics": f"http://127.0.0.1:{metrics_port}/metrics"},
-                started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                model_config=mar_model_config(mar), started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     record = model_dir(workdir) / SERVER_FILE
     record.write_text(json.dumps(info, indent=1))
     try:
@@ -278,11 +285,18 @@ def serve(workdir=".", model_name=MODEL_NAME, inference_port=PORTS["inference"],
     return info
 
 # %% ../nbs/05_serving.ipynb #0d1dc73b
+def _in_force(workdir) -> str | None:
+    "What the model's worker says it runs, from its last start-up line in the logs (precision, runtime, threads)."
+    log = model_dir(workdir) / "logs" / "model_log.log"
+    lines = re.findall(r"Loaded \d+ labels on .*", log.read_text(errors="replace")) if log.exists() else []
+    return lines[-1] if lines else None
+
 def status(workdir="."):
-    "Is the server of `workdir` running? pid, ports, urls, health and worker states."
+    "Is the server of `workdir` running? pid, ports, urls, what it serves (model-config, in force), health and workers."
     info = server_info(workdir)
     if not info: return {"running": False, "workdir": str(workdir)}
-    out = {"running": True, **{k: info.get(k) for k in ("pid", "model_name", "ports", "urls", "started")}}
+    out = {"running": True, **{k: info.get(k) for k in ("pid", "model_name", "ports", "urls", "started")},
+           "serving": (info.get("model_config") or {}).get("handler", {}), "in_force": _in_force(workdir)}
     try:
         client = Client.from_workdir(workdir, retries=0)
         out["health"] = client.ping().get("status")

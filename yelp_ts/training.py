@@ -4,13 +4,14 @@
 
 # %% auto #0
 __all__ = ['logger', 'PADDINGS', 'model_aliases', 'resolve_model', 'tokenize', 'compute_metrics', 'show_progress',
-           'StepLogCallback', 'training_args', 'load_base_model', 'make_trainer', 'padding_speed', 'save_model',
-           'train', 'evaluate']
+           'StepLogCallback', 'training_device', 'training_precision', 'world_size', 'training_args', 'load_base_model',
+           'make_trainer', 'padding_speed', 'save_model', 'train', 'train_in_processes', 'evaluate']
 
 # %% ../nbs/02_training.ipynb #c9fb0e82
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
-from .core import (BATCH_SIZE, DEFAULT_MODEL, EMBEDDED_MODEL, EPOCHS, INDEX_TO_NAME, LABEL_NAMES, LEARNING_RATE, MAX_LENGTH,
-                          METRICS_FILE, SEED, BadInputError, MissingError, OfflineError, check_model_dir,
+from .core import (BATCH_SIZE, DEFAULT_MODEL, EMBEDDED_MODEL, EPOCHS, INDEX_TO_NAME, LABEL_NAMES, LEARNING_RATE,
+                          MAX_LENGTH, METRICS_FILE, PRECISION, SEED, BadInputError, MissingError, OfflineError, TrainingError, check_model_dir,
                           embedded_model_dir, model_dir, require_hub)
 from .data import data_info, load_data, tfidf_baseline
-from .handler import load_model, probabilities
+from .handler import load_model, probabilities, quiet_loading, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +58,16 @@ def resolve_model(model=DEFAULT_MODEL) -> str:
 # %% ../nbs/02_training.ipynb #67338610
 PADDINGS = ("dynamic", "max_length")
 
-def tokenize(dataset, tokenizer, max_length=MAX_LENGTH, padding="dynamic"):
-    "`dataset` (a DatasetDict of label, text) tokenized: unpadded for `dynamic`, padded to `max_length` like the article."
+def tokenize(dataset, tokenizer, max_length=MAX_LENGTH, padding="dynamic", num_proc=None):
+    """`dataset` (a DatasetDict of label, text) tokenized: unpadded for `dynamic`, padded to `max_length` like the article.
+    Large datasets are tokenized by `num_proc` processes (None: one per core from 50,000 rows on), cached beside the data."""
     if padding not in PADDINGS:
         raise BadInputError(f"padding={padding!r} is not one of {PADDINGS}: use 'dynamic' (faster) or 'max_length' (the article).")
     pad = "max_length" if padding == "max_length" else False
+    rows = sum(len(split) for split in dataset.values())
+    num_proc = num_proc or (os.cpu_count() if rows >= 50_000 else None)
     return dataset.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length, padding=pad),
-                       batched=True, remove_columns=["text"])
+                       batched=True, remove_columns=["text"], num_proc=num_proc, desc="tokenizing")
 
 # %% ../nbs/02_training.ipynb #620516e8
 def compute_metrics(eval_pred) -> dict:
@@ -93,6 +97,7 @@ class StepLogCallback(TrainerCallback):
     def __init__(self, progress=None): self.progress, self.bar = show_progress() if progress is None else progress, None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero: self.progress = False       # several processes: the first one speaks
         if self.progress:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=state.max_steps, desc="training", unit="step")
@@ -103,7 +108,7 @@ class StepLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in (logs or {}).items() if k != "epoch"}
         if self.bar is not None and "loss" in logs: self.bar.set_postfix(loss=logs["loss"])
-        elif self.bar is None or "eval_loss" in logs:
+        elif state.is_world_process_zero and (self.bar is None or "eval_loss" in logs):
             logger.info("step %d/%d epoch %.2f %s", state.global_step, state.max_steps, state.epoch or 0,
                         " ".join(f"{k}={v}" for k, v in logs.items()))
 
@@ -115,23 +120,44 @@ import transformers
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                           PrinterCallback, Trainer, TrainingArguments, set_seed)
 
-def training_args(output_dir, epochs=EPOCHS, learning_rate=LEARNING_RATE, batch_size=BATCH_SIZE, seed=SEED, logging_steps=10,
-                  **kwargs):
-    "TrainingArguments for fine-tuning: evaluate each epoch, log every `logging_steps`, no checkpoints."
+def training_device() -> str: 
     import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def training_precision(precision=PRECISION) -> str:
+    "The precision training runs in: `auto` is the device's native one (bf16 on a CPU that has it), as when serving."
+    return resolve(precision, "torch", training_device())[0]
+
+def world_size() -> int:
+    "How many processes train together (torchrun sets WORLD_SIZE; 1 when run alone)."
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+def training_args(output_dir, epochs=EPOCHS, learning_rate=LEARNING_RATE, batch_size=BATCH_SIZE, seed=SEED, logging_steps=10,
+                  precision=PRECISION, **kwargs):
+    """TrainingArguments for fine-tuning: evaluate each epoch, log every `logging_steps`, no checkpoints. `batch_size` is
+    per process; in a group of processes they talk over NCCL on GPUs and gloo on CPUs, and give up after 2 minutes of
+    waiting for a peer."""
+    precision = training_precision(precision)
+    # average_tokens_across_devices=False: transformers 5 multiplies the loss by the number of processes for models whose
+    # forward takes **kwargs, expecting a loss summed over tokens; a classifier's loss is a mean, so its logged and
+    # evaluated losses came out × world size (measured: 3.21 vs 1.61 with 2 processes) and its gradients too
+    group = dict(ddp_backend="nccl" if training_device() == "cuda" else "gloo", ddp_timeout=120,
+                 average_tokens_across_devices=False) if world_size() > 1 else {}
     settings = dict(num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=batch_size,
                     per_device_eval_batch_size=2 * batch_size, warmup_steps=0.1, weight_decay=0.01,
                     eval_strategy="epoch", logging_strategy="steps", logging_steps=logging_steps, save_strategy="no",
-                    report_to="none", seed=seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+                    report_to="none", seed=seed, use_cpu=training_device() == "cpu", disable_tqdm=True,
+                    bf16=precision == "bf16", fp16=precision == "fp16", **group)
     return TrainingArguments(output_dir=str(output_dir), **{**settings, **kwargs})
 
 # %% ../nbs/02_training.ipynb #f27e927d
 def load_base_model(model=DEFAULT_MODEL, seed=SEED):
     "The pretrained encoder `model` with a new 5-star classification head (`num_labels=5`)."
     set_seed(seed)  # the new head's initial weights
-    return AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(model), num_labels=len(LABEL_NAMES),
-        id2label=dict(enumerate(LABEL_NAMES)), label2id={n: i for i, n in enumerate(LABEL_NAMES)})
+    with quiet_loading():
+        return AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(model), num_labels=len(LABEL_NAMES),
+            id2label=dict(enumerate(LABEL_NAMES)), label2id={n: i for i, n in enumerate(LABEL_NAMES)})
 
 def make_trainer(model, tokenizer, tokenized, args, callbacks=None):
     "A `Trainer` padding each batch, with accuracy/macro-F1 and (default) the step callback."
@@ -147,7 +173,7 @@ class _StepTimes(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs): self.times.append(time.perf_counter())
 
 def padding_speed(workdir=".", model=DEFAULT_MODEL, padding="dynamic", steps=6, batch_size=BATCH_SIZE, max_length=MAX_LENGTH, seed=SEED,
-                  group_by_length=False) -> float:
+                  group_by_length=False, precision=PRECISION) -> float:
     """Training samples/s over `steps` steps (the first not counted) with this padding, on the first train reviews.
     `group_by_length` batches reviews of similar length together, so dynamic padding pads less."""
     dataset = load_data(workdir)
@@ -157,7 +183,8 @@ def padding_speed(workdir=".", model=DEFAULT_MODEL, padding="dynamic", steps=6, 
     timer = _StepTimes()
     with tempfile.TemporaryDirectory(prefix=".trainer-", dir=workdir) as tmp:
         sampling = {"train_sampling_strategy": "group_by_length"} if group_by_length else {}
-        args = training_args(tmp, batch_size=batch_size, seed=seed, max_steps=steps, eval_strategy="no", **sampling)
+        args = training_args(tmp, batch_size=batch_size, seed=seed, max_steps=steps, eval_strategy="no", precision=precision,
+                             **sampling)
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()   # the new head's load report: shown once, by `train`
         try: trainer = make_trainer(load_base_model(model, seed), tokenizer, tokenized, args, callbacks=[timer])
@@ -182,20 +209,32 @@ def _data_info(dataset, workdir):
     "Source and sizes of the data used: `make_data`'s record, checked against the rows loaded."
     return {**data_info(workdir), "n_train": len(dataset["train"]), "n_eval": len(dataset["validation"])}
 
+# %% ../nbs/02_training.ipynb #a95946e7
 def train(workdir=".", model=DEFAULT_MODEL, epochs=EPOCHS, learning_rate=LEARNING_RATE, batch_size=BATCH_SIZE,
-          max_length=MAX_LENGTH, padding="dynamic", seed=SEED) -> dict:
-    "Fine-tune `model` on W/data, save it to W/torch_model/ with metrics.json; return the metrics."
+          max_length=MAX_LENGTH, padding="dynamic", seed=SEED, precision=PRECISION, nproc=1, nnodes=1, node_rank=0,
+          rdzv_endpoint=None) -> dict:
+    """Fine-tune `model` on W/data, save it to W/torch_model/ with metrics.json; return the metrics. `batch_size` is the
+    global batch. With `nproc` > 1 (or more than one machine: `nnodes`, `node_rank`, `rdzv_endpoint`) the same training
+    runs in that many processes per machine, launched by torchrun (`train_in_processes`)."""
+    if nproc > 1 or nnodes > 1:
+        return train_in_processes(workdir, nproc, nnodes, node_rank, rdzv_endpoint, model=model, epochs=epochs,
+                                  learning_rate=learning_rate, batch_size=batch_size, max_length=max_length, padding=padding,
+                                  seed=seed, precision=precision)
     if padding not in PADDINGS: raise BadInputError(f"padding={padding!r} is not one of {PADDINGS}.")
-    base = resolve_model(model)                      # fails fast: bad dir, Hub offline
-    dataset = load_data(workdir)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenized = tokenize(dataset, tokenizer, max_length, padding)
+    world = world_size()
+    if batch_size % world: raise BadInputError(f"batch_size={batch_size} (the global batch) does not divide among {world} processes.")
+    base, precision = resolve_model(model), training_precision(precision)      # fails fast: bad dir, Hub offline
+    dataset, tokenizer = load_data(workdir), AutoTokenizer.from_pretrained(base)
     steps = int(np.ceil(len(dataset["train"]) / batch_size) * epochs)
-    logger.info("training %s on %d reviews for %s epochs (%d steps)", model, len(dataset["train"]), epochs, steps)
+    logger.info("training %s on %d reviews for %s epochs (%d steps), %s, %d process(es)", model, len(dataset["train"]), epochs,
+                steps, precision, world)
     with tempfile.TemporaryDirectory(prefix=".trainer-", dir=workdir) as tmp:
-        args = training_args(tmp, epochs, learning_rate, batch_size, seed, logging_steps=max(1, steps // 25))
+        args = training_args(tmp, epochs, learning_rate, batch_size // world, seed, logging_steps=max(1, steps // 25),
+                             precision=precision)
+        with args.main_process_first(desc="tokenizing"): tokenized = tokenize(dataset, tokenizer, max_length, padding)
         trainer = make_trainer(load_base_model(base, seed), tokenizer, tokenized, args)
         result = trainer.train()
+    if not trainer.is_world_process_zero(): return {}          # one process writes torch_model/, metrics.json, the logs
     out = save_model(trainer.model, tokenizer, workdir, max_length)
     last_eval = [h for h in trainer.state.log_history if "eval_accuracy" in h][-1]
     baseline = tfidf_baseline(dataset)
@@ -204,13 +243,34 @@ def train(workdir=".", model=DEFAULT_MODEL, epochs=EPOCHS, learning_rate=LEARNIN
                "train_samples_per_second": result.metrics["train_samples_per_second"],
                "train_runtime": result.metrics["train_runtime"],
                "baseline_accuracy": baseline["accuracy"], "baseline_macro_f1": baseline["macro_f1"],
-               "model": str(model), "base_model": base, "data": _data_info(dataset, workdir),
-               "epochs": epochs, "max_length": max_length, "padding": padding, "learning_rate": learning_rate,
-               "batch_size": batch_size, "seed": seed}
+               "baseline_train_rows": baseline["train_rows"], "model": str(model), "base_model": base,
+               "data": _data_info(dataset, workdir), "epochs": epochs, "max_length": max_length, "padding": padding,
+               "learning_rate": learning_rate, "batch_size": batch_size, "per_device_batch_size": batch_size // world,
+               "world_size": world, "seed": seed, "precision": precision, "device": training_device()}
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     logger.info("saved to %s: accuracy %.3f (baseline %.3f)", out, metrics["eval_accuracy"], metrics["baseline_accuracy"])
     return metrics
+
+# %% ../nbs/02_training.ipynb #7f62f947
+def train_in_processes(workdir=".", nproc=2, nnodes=1, node_rank=0, rdzv_endpoint=None, **options) -> dict:
+    "`train(workdir, **options)` in `nproc` processes per machine, launched by torchrun; the first process's metrics."
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
+              f"--node-rank={node_rank}", "--max-restarts=0",
+              *(["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"] if rdzv_endpoint else ["--standalone"])]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run([*launch, "-m", "yelp_ts.training", json.dumps({"workdir": str(workdir), **options})], env=env)
+    if run.returncode != 0:
+        raise TrainingError(f"a training process failed (torchrun exited with {run.returncode}); the others were stopped. "
+                            "Its traceback is printed above.")
+    return json.loads((model_dir(workdir) / METRICS_FILE).read_text()) if node_rank == 0 else {}
+
+def _main():
+    "`python -m yelp_ts.training '{json options}'`: one process of `train_in_processes`."
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    train(**json.loads(sys.argv[1]))
+
+if __name__ == "__main__" and "ipykernel" not in sys.modules: _main()
 
 # %% ../nbs/02_training.ipynb #af831ff0
 def evaluate(workdir=".", split="validation", batch_size=32, loaded=None, **load) -> dict:

@@ -20,11 +20,12 @@ def local_context(model_dir, handler_settings=None, gpu_id=None, batch_size=8):
     return Context(MODEL_NAME, str(model_dir), manifest, batch_size, gpu_id, "0.12.0",
                    model_yaml_config={"handler": dict(handler_settings or {})})
 
-# %% ../nbs/03a_worker.ipynb #b0bc71aa
+# %% ../nbs/03a_worker.ipynb #37c6cfce
 def local_batch(context, bodies):
-    "What TorchServe 0.12 hands `handle` for HTTP `bodies`, a list of (content_type, bytes or str); sets request headers on `context`."
+    """What TorchServe 0.12 hands `handle` for HTTP `bodies`, a list of (content_type, bytes or str[, "explain"]) — the
+    third item for a request to /explanations; sets the requests' headers on `context`."""
     data, processors = [], []
-    for content_type, raw in bodies:
+    for content_type, raw, *explain in bodies:
         raw = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
         media = content_type.split(";")[0].strip().lower()
         if media == "application/x-www-form-urlencoded":  # the frontend parses the form: fields only
@@ -37,7 +38,8 @@ def local_batch(context, bodies):
             except ValueError: pass  # bad UTF-8 or bad JSON: TorchServe forwards the bytes
             request = {"body": value}
         data.append(request)
-        processors.append(RequestProcessor({"body": {"content-type": media}, "Content-Type": content_type}))
+        headers = {"body": {"content-type": media}, "Content-Type": content_type, **({"explain": "True"} if explain else {})}
+        processors.append(RequestProcessor(headers))
     context.request_processor, context.request_ids = processors, {i: f"local-{i}" for i in range(len(data))}
     return data
 

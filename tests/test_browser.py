@@ -1,0 +1,137 @@
+"""The reader's JupyterLab, in a real browser: `make lab` on a copy of the repository, driven by Playwright with
+Debian's Chromium. Opening and saving every notebook leaves `git status` clean; Run All in 05_serving leaves no error
+and no stderr box, and the live demo answers with a chart. Screenshots of failures go to test-artifacts/."""
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import REPO, free_port
+from yelp_ts import serving
+
+CHROMIUM = shutil.which("chromium")
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(not CHROMIUM, reason="Debian's chromium is not installed (.ci/run installs it)")
+ARTIFACTS = REPO / "test-artifacts"
+VENV = Path(sys.executable).parent.parent
+
+
+def _git(root, *args):
+    return subprocess.run(["git", "-c", "user.name=reader", "-c", "user.email=reader@example.com", *args], cwd=root,
+                          capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def reader_repo(trained_workdir, tmp_path_factory):
+    "The repository as a reader has it (its files, committed in a git repository of its own), with a trained model."
+    root = tmp_path_factory.mktemp("reader") / "yelp_ts"
+    for name in _git(REPO, "ls-files", "--cached", "--others", "--exclude-standard").split("\n"):
+        if name and (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    _git(root, "init", "-q"); _git(root, "add", "-A"); _git(root, "commit", "-q", "-m", "as cloned")
+    for f in (trained_workdir / "torch_model").iterdir():       # the trained model, where the notebooks look (..)
+        if f.is_file() and f.name not in ("model-config.yaml", ".gitignore"): (root / "torch_model" / f.name).symlink_to(f)
+    shutil.copytree(trained_workdir / "data", root / "data")
+    assert _git(root, "status", "--porcelain", "--", "nbs") == ""
+    return root
+
+
+@pytest.fixture(scope="module")
+def lab(reader_repo):
+    "JupyterLab started as the README says (`make lab`), on a free port with a token; stopped with its kernels."
+    port, token = free_port(), secrets.token_hex(12)
+    log = open(reader_repo / "lab.log", "wb")
+    settings = reader_repo.parent / "lab-settings"              # the test's own JupyterLab settings, not the reader's:
+    for plugin, values in {"notebook-extension/tracker": {"windowingMode": "none"},   # every cell in the page, so
+                           "apputils-extension/notification": {"fetchNews": "false"}}.items():   # none is missed
+        (settings / "@jupyterlab" / plugin).parent.mkdir(parents=True, exist_ok=True)
+        (settings / "@jupyterlab" / f"{plugin}.jupyterlab-settings").write_text(json.dumps(values))
+    proc = subprocess.Popen(["make", "-o", str(VENV / ".installed"), "lab", f"VENV={VENV}",
+                             f"LAB_ARGS=--no-browser --port={port} --IdentityProvider.token={token}"],
+                            cwd=reader_repo, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(settings)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (reader_repo / "lab.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/api/status", params={"token": token}, timeout=2).ok: break
+            except requests.RequestException: pass
+            assert time.monotonic() < deadline, "JupyterLab did not start within 120 s"
+            time.sleep(0.5)
+        yield url, token
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)                     # JupyterLab and the kernels it started
+        try: proc.wait(30)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait(10)
+        serving.stop(reader_repo)                               # TorchServe runs in a session of its own
+
+
+@pytest.fixture
+def page(lab, request):
+    "A Chromium page on the lab; a screenshot of it is kept in test-artifacts/ when the test fails."
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(60_000)
+        yield pg
+        report = getattr(request.node, "rep_call", None)              # set by conftest.pytest_runtest_makereport
+        if report is not None and report.failed:
+            ARTIFACTS.mkdir(exist_ok=True)
+            pg.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+        browser.close()
+
+
+def _open(page, lab, name):
+    url, token = lab
+    page.goto(f"{url}/lab/tree/{name}?reset&token={token}")            # `make lab` serves nbs/; ?reset: only this one open
+    page.wait_for_selector(".jp-Notebook .jp-Cell")
+    page.wait_for_function("document.querySelector('.jp-Notebook-ExecutionIndicator')?.getAttribute('data-status') === 'idle'",
+                           timeout=120_000)
+
+
+def _menu(page, top, item):
+    page.locator(".lm-MenuBar-itemLabel", has_text=top).first.click()
+    page.locator(".lm-Menu-itemLabel", has_text=item).first.click()
+
+
+def test_opening_and_saving_every_notebook_leaves_git_status_clean(lab, page, reader_repo):
+    names = sorted(p.name for p in (reader_repo / "nbs").glob("*.ipynb"))
+    for name in names:
+        _open(page, lab, name)                                   # its kernel starts and rewrites the metadata
+        _menu(page, "File", "Save Notebook")
+        page.wait_for_function("!document.querySelector('.jp-Document.jp-mod-current.jp-mod-dirty, "
+                               ".lm-TabBar-tab.jp-mod-current.jp-mod-dirty')", timeout=30_000)
+    assert _git(reader_repo, "status", "--porcelain", "--", "nbs") == "", _git(reader_repo, "diff")[:3000]
+    log = (reader_repo / "lab.log").read_text()
+    assert all(f"Saving file at /{name}" in log for name in names), "a notebook was not saved"
+
+
+def test_run_all_in_05_serving_then_the_demo_answers(lab, page, reader_repo):
+    _open(page, lab, "05_serving.ipynb")
+    _menu(page, "Run", "Run All Cells")
+    # done when every cell has run, or as soon as one wrote an error (Run All stops there; tracebacks are stderr)
+    done = """() => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent);
+                      const failed = document.querySelector(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']");
+                      return failed !== null || (p.length > 0 && p.every(t => /\\[\\d+\\]/.test(t))); }"""
+    page.wait_for_function(done, timeout=600_000, polling=1000)
+    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+    texts = [errors.nth(i).inner_text()[:500] for i in range(errors.count())]
+    assert texts == [], f"cells wrote errors or warnings: {texts}"
+    box = page.locator(".widget-textarea textarea").last
+    box.fill("The ramen was rich and the staff were lovely, but we waited forty minutes.")
+    page.locator(".widget-button", has_text="Predict stars").last.click()
+    page.locator(".widget-output img").last.wait_for(timeout=60_000)   # the chart of the server's answer
+    assert serving.status(reader_repo)["running"]                # Run All leaves the server to the demo
