@@ -78,3 +78,24 @@ def test_a_mixed_batch_answers_each_request_in_order(trained_workdir, loaded):
 
 def test_notebook_runs(trained_workdir, tmp_path):
     run_notebook("03b_explain", tmp_path, workdir=str(trained_workdir), n_faithful=20)
+
+
+def test_a_distilbert_model_is_explained_too(tmp_path):
+    """The article's model: no token type ids, its embeddings under another attribute name (found through
+    `get_input_embeddings`). A small random-weight DistilBERT with the embedded WordPiece tokenizer, saved and loaded
+    like a trained one; attributions complete and on the review's words."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+    from yelp_ts.training import resolve_model
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"), model_input_names=["input_ids", "attention_mask"])
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                              num_labels=5, id2label=dict(enumerate(LABEL_NAMES)))
+    DistilBertForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    text = "The soup was cold, but the bread was wonderful."
+    assert "token_type_ids" not in loaded.tokenizer([text])
+    [e] = explain(loaded, [text], [None])
+    assert [w["word"] for w in e["words"]] == ["The", "soup", "was", "cold", ",", "but", "the", "bread", "was", "wonderful", "."]
+    total = sum(w["attribution"] for w in e["words"])
+    assert total - (e["score"] - e["baseline_score"]) == pytest.approx(e["delta"], abs=1e-4) and abs(e["delta"]) < 0.05

@@ -79,3 +79,12 @@ def test_modules_import_only_downwards():
         above = [m for m in used if m in LAYERS and LAYERS.index(m) > LAYERS.index(name)]
         assert not above, f"yelp_ts.{name} imports {above}, which sit above it"
         if name == "handler": assert not used, f"handler.py must be self-contained for the MAR: imports {used}"
+
+
+def test_index_and_readme_link_every_notebook():
+    "A reader finds every notebook from the index notebook and from the README's table."
+    names = sorted(p.stem for p in NBS.glob("*.ipynb") if p.stem != "index")
+    index = "".join("".join(c["source"]) for c in json.loads((NBS / "index.ipynb").read_text())["cells"])
+    readme = (REPO / "README.md").read_text()
+    assert [n for n in names if f"]({n}.ipynb)" not in index] == [], "not linked from nbs/index.ipynb"
+    assert [n for n in names if f"](nbs/{n}.ipynb)" not in readme] == [], "not linked from README.md"
