@@ -1,6 +1,7 @@
 """Beyond one machine: training in two processes (torchrun, gloo, one thread each) for real, a process that dies,
 and the scale notebook (every step at two sizes, the two-process run) under papermill."""
 import json
+import math
 import threading
 import time
 
@@ -18,7 +19,11 @@ def test_two_processes_train_like_one_with_the_same_global_batch(trained_workdir
     two = training.train(tmp_path, model="minilm", nproc=2, **SMALL_TRAIN)
     one = json.loads((model_dir(trained_workdir) / "metrics.json").read_text())
     assert (two["world_size"], two["batch_size"], two["per_device_batch_size"]) == (2, SMALL_TRAIN["batch_size"], SMALL_TRAIN["batch_size"] // 2)
-    assert abs(two["eval_accuracy"] - one["eval_accuracy"]) <= 0.08, (two["eval_accuracy"], one["eval_accuracy"])
+    # the processes see the reviews in another order (DistributedSampler), so the two models differ like two seeds do:
+    # on 120 validation reviews that is up to 3 standard errors of a difference of two accuracies (measured: 0.675 vs
+    # 0.558 in one run, eval loss 0.959 vs 0.980); the loss, less noisy, must agree more closely
+    acc, n = one["eval_accuracy"], SMALL_DATA["n_eval"]
+    assert abs(two["eval_accuracy"] - acc) <= 3 * math.sqrt(2 * acc * (1 - acc) / n), (two["eval_accuracy"], acc)
     assert abs(two["eval_loss"] - one["eval_loss"]) <= 0.25, (two["eval_loss"], one["eval_loss"])   # not × world size
     first = [h["loss"] for h in json.loads((model_dir(tmp_path) / "log_history.json").read_text()) if "loss" in h][0]
     assert first < 1.75, first                           # an untrained 5-class head: about ln 5 = 1.61, not 2 × that

@@ -7,7 +7,7 @@ __all__ = ['APP', 'IMAGE', 'GATE_IMAGE', 'POD_PORTS', 'MODEL_STORE', 'CONFIG_DIR
            'KSERVE_NOTE', 'K8S_VERSION', 'pod_config', 'k8s_manifests', 'kserve_manifest', 'write_manifests',
            'validate', 'pod_command', 'replicas_for']
 
-# %% ../nbs/09_deploy.ipynb #3fd2b1b3
+# %% ../nbs/09_deploy.ipynb #b722942a
 import math
 import secrets
 import tempfile
@@ -16,11 +16,11 @@ from pathlib import Path
 import yaml
 
 from . import archive, serving
-from .core import MODEL_NAME, mar_path, model_dir
+from .core import MODEL_NAME, PORTS, mar_path, model_dir
 
-# %% ../nbs/09_deploy.ipynb #41e371a6
+# %% ../nbs/09_deploy.ipynb #76f20e83
 APP, IMAGE, GATE_IMAGE = "yelp-ts", "yelp-ts-serve:0.1.0", "nginx:1.27"
-POD_PORTS = {"gate": 8080, "inference": 8085, "management": 8081, "metrics": 8082}
+POD_PORTS = {"gate": PORTS["inference"], "inference": 8085, "management": PORTS["management"], "metrics": PORTS["metrics"]}
 MODEL_STORE, CONFIG_DIR = "/home/model-server/model-store", "/home/model-server/config"
 
 def pod_config() -> str:
