@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['logger', 'WRK_SCRIPT', 'ARTICLE_CONFIG', 'ARTICLE_FRONTEND', 'TARGETS', 'machine_info', 'review_texts',
-           'token_lengths', 'in_process', 'candidates', 'ceiling', 'ceilings', 'wrk_load', 'python_load', 'load',
-           'deployment_workdir', 'served', 'served_peer', 'training_speed', 'training_accuracy', 'padding_comparison',
-           'run_times', 'run_ratio', 'tuned_config', 'ratios', 'report_markdown', 'run_benchmark', 'tuning_grid']
+           'token_lengths', 'in_process', 'candidates', 'ceiling', 'in_fresh_process', 'ceilings', 'wrk_load',
+           'python_load', 'load', 'deployment_workdir', 'served', 'served_peer', 'training_speed', 'training_accuracy',
+           'padding_comparison', 'run_times', 'run_ratio', 'tuned_config', 'ratios', 'report_markdown', 'run_benchmark',
+           'tuning_grid']
 
 # %% ../nbs/06_benchmark.ipynb #51d5e250
 import http.client
@@ -85,7 +86,7 @@ def in_process(loaded, texts, batch_size=8, seconds=10.0) -> dict:
     return {"batch_size": batch_size, "samples_per_s": round(batch_size * len(times) / (sum(times) / 1000), 1),
             **_percentiles(times)}
 
-# %% ../nbs/06_benchmark.ipynb #ecc45e8f
+# %% ../nbs/06_benchmark.ipynb #4f3a1fb0
 def candidates(full=False) -> list:
     "The (precision, runtime) pairs worth measuring here: fp32 and the native precision, on torch and on OpenVINO."
     precisions = list(dict.fromkeys(["fp32", native_precision()]))
@@ -110,13 +111,18 @@ def ceiling(model_dir, precision, runtime, texts, batch_sizes=(1, 8, 16), second
             "load_s": round(loaded.load_seconds, 1), "model_mb": round((psutil.Process().memory_info().rss - rss) / 2**20),
             "batches": [in_process(loaded, texts, bs, seconds) for bs in batch_sizes], "probabilities": probs.tolist()}
 
+def in_fresh_process(func, *args, **kwargs):
+    """`func(*args, **kwargs)` in a new Python process (spawned): its own peak memory, and its own torch and Accelerate
+    state, so the caller's stays untouched. `func` must be importable (a library function, not a notebook's)."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(func, *args, **kwargs).result()
+
 def ceilings(workdir, texts, full=False, seconds=3.0) -> list:
     "Every candidate measured in a fresh process of its own; each row also says how its answers compare with fp32's."
     from yelp_ts.benchmark import ceiling as measure      # the library's copy: a notebook's own can't be spawned
     rows = []
     for precision, runtime in candidates(full):
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            rows.append(pool.submit(measure, str(model_dir(workdir)), precision, runtime, list(texts), seconds=seconds).result())
+        rows.append(in_fresh_process(measure, str(model_dir(workdir)), precision, runtime, list(texts), seconds=seconds))
     fp32 = torch.tensor(rows[0]["probabilities"])
     for row in rows: row.update(parity(fp32, torch.tensor(row.pop("probabilities"))))
     return rows
@@ -192,12 +198,11 @@ def _client_run(url, key, texts, concurrency, seconds, timeout=60.0):
             "seconds": round(took, 2), "requests_per_s": round(len(latencies) / took, 1), **_percentiles(latencies),
             "generator_cpu": round(cpu / took / os.cpu_count(), 3)}
 
-# %% ../nbs/06_benchmark.ipynb #06d7b8a8
+# %% ../nbs/06_benchmark.ipynb #d59398d2
 def python_load(url, key, texts, concurrency, seconds=5.0, workdir=None) -> dict:
     "The same load as `wrk_load`, from a fresh Python process (a notebook's own functions can't be spawned)."
     from yelp_ts.benchmark import _client_run as client
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(client, url, key, list(texts), concurrency, seconds).result()
+    return in_fresh_process(client, url, key, list(texts), concurrency, seconds)
 
 def load(url, key, texts, concurrency, seconds=5.0, workdir=".") -> dict:
     "One load with `wrk` where it is installed, else with `python_load`."
