@@ -35,11 +35,13 @@ def link_model(src_workdir, dst_workdir):
     return Path(dst_workdir)
 
 
-def free_port():
-    "A TCP port on 127.0.0.1 that nothing listens on right now."
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(taken=()):
+    "A TCP port on 127.0.0.1 that nothing listens on right now, other than those in `taken` (free too, but spoken for)."
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in set(taken): return port
 
 
 @pytest.fixture(scope="session")

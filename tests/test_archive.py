@@ -148,7 +148,7 @@ def trained_copy(trained_workdir, tmp_path):
 
 def test_auto_is_the_fastest_choice_that_keeps_fp32s_answers(trained_copy):
     from yelp_ts.handler import native_precision
-    choice = archive.choose_serving(trained_copy, batch_size=4)
+    choice = archive.choose_serving(trained_copy, batch_size=8)         # the serving batch size build_archive uses
     chosen, rows = choice["chosen"], choice["candidates"]
     assert json.loads((trained_copy / "torch_model" / "parity.json").read_text()) == choice
     assert choice["texts"] == 100 and {r["precision"] for r in rows} == {native_precision()}   # 100 of the 120 validation reviews
@@ -160,6 +160,22 @@ def test_auto_is_the_fastest_choice_that_keeps_fp32s_answers(trained_copy):
     mar = build_archive(trained_copy)
     handler = archive.mar_model_config(mar)["handler"]
     assert (handler["precision"], handler["runtime"]) == (chosen["precision"], chosen["runtime"])
+    assert json.loads((trained_copy / "torch_model" / "parity.json").read_text()) == choice   # the same check, reused
+
+
+def test_parity_is_measured_again_only_when_what_it_depends_on_changed(trained_copy, monkeypatch, tmp_path):
+    first = archive.choose_serving(trained_copy, "fp32", "torch")
+    def measured(*args, **kwargs): raise AssertionError("measured again")
+    monkeypatch.setattr(archive, "_measure", measured)
+    assert archive.choose_serving(trained_copy, "fp32", "torch") == first          # nothing changed: reused
+    with pytest.raises(AssertionError, match="measured again"):
+        archive.choose_serving(trained_copy, "fp32", "torch", batch_size=2)        # another request
+    d = tmp_path / "m"; d.mkdir(); (d / "model.safetensors").write_bytes(b"weights")
+    key = archive._parity_key(d, ["A review."], {})
+    assert archive._parity_key(d, ["Another review."], {})["texts"] != key["texts"]
+    (d / "model.safetensors").write_bytes(b"retrained weights")
+    assert archive._parity_key(d, ["A review."], {})["model"] != key["model"]
+    assert key["machine"]["cpu"] and key["handler"]
 
 
 def test_disagreement_warns_loudly_and_auto_falls_back_to_fp32(trained_copy, monkeypatch, caplog):

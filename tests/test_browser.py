@@ -3,6 +3,7 @@ Debian's Chromium. Opening and saving every notebook leaves `git status` clean; 
 and no stderr box, and the live demo answers with a chart. Screenshots of failures go to test-artifacts/."""
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -103,8 +104,16 @@ def _open(page, lab, name):
 
 
 def _menu(page, top, item):
-    page.locator(".lm-MenuBar-itemLabel", has_text=top).first.click()
-    page.locator(".lm-Menu-itemLabel", has_text=item).first.click()
+    "Click `top` → `item` in JupyterLab's menu bar once the item is enabled (greyed out until the notebook is current)."
+    label = re.compile(f"^{re.escape(item)}$")
+    deadline = time.monotonic() + 60
+    while True:
+        page.locator(".lm-MenuBar-itemLabel", has_text=top).first.click()
+        enabled = page.locator(".lm-Menu-item:not(.lm-mod-disabled) .lm-Menu-itemLabel").filter(has_text=label)
+        try: return enabled.first.click(timeout=2_000)
+        except playwright.TimeoutError: page.keyboard.press("Escape")
+        assert time.monotonic() < deadline, f"{top} → {item} stayed disabled for 60 s"
+        page.locator(".jp-Notebook").first.click()                      # make the notebook the current widget
 
 
 def test_opening_and_saving_every_notebook_leaves_git_status_clean(lab, page, reader_repo):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, free_port, link_model, run_notebook
+from conftest import REPO, link_model, run_notebook
 from yelp_ts import archive, cli, core, data, serving, training
 
 YELP_TS = str(Path(sys.executable).parent / "yelp-ts")
@@ -27,8 +27,8 @@ def test_cli_notebook_runs(tmp_path):
 
 def test_archive_takes_serving_settings(untrained_model_workdir, tmp_path):
     wd = link_model(untrained_model_workdir, tmp_path / "wd")
-    r = yelp_ts("archive", "--workdir", wd, "--model-name", "cli", "--workers", "2",
-                "--torch-threads", "1", "--serve-batch-size", "16", "--max-batch-delay", "7")
+    r = yelp_ts("archive", "--workdir", wd, "--model-name", "cli", "--workers", "2", "--precision", "fp32", "--runtime",
+                "torch", "--torch-threads", "1", "--serve-batch-size", "16", "--max-batch-delay", "7")
     assert r.returncode == 0, r.stderr
     config = yaml.safe_load((wd / "torch_model" / "model-config.yaml").read_text())
     assert (config["minWorkers"], config["batchSize"], config["maxBatchDelay"], config["handler"]["torch_threads"]) == (2, 16, 7, 1)
@@ -47,8 +47,8 @@ def test_options_and_their_defaults_come_from_the_function(command, func):
     "Every parameter is an option whose help shows the function's default; an option left out is not passed."
     help_text = " ".join(_subparser(command).format_help().split())
     for name, p in inspect.signature(func).parameters.items():
-        if name in cli.SKIP | cli.SKIP_FOR.get(func, set()) or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL): continue
-        flag = "--" + cli.RENAME.get(func, {}).get(name, name).replace("_", "-")
+        if name in cli.SKIP | cli.SKIP_FOR.get(func.__name__, set()) or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL): continue
+        flag = "--" + cli.RENAME.get(func.__name__, {}).get(name, name).replace("_", "-")
         assert flag in help_text, (command, flag)
         shown = " ".join(next(a for a in _subparser(command)._actions if flag in a.option_strings).help.split())
         described = p.default is None and ("(default:" in shown or "(unset:" in shown)   # None: the help says what applies
@@ -90,6 +90,15 @@ def test_readme_command_line_shows_the_defaults_in_force():
     assert checked >= 10
 
 
+def test_commands_that_talk_to_a_server_start_without_torch(tmp_path):
+    "`status`, `stop`, `predict` and `explain` import neither torch, transformers nor OpenVINO: they answer at once."
+    calls = [["status"], ["stop"], ["predict", "Great tacos!"], ["explain", "Great tacos!"]]
+    code = (f"import sys; from yelp_ts.cli import main; codes = [main([c[0], '--workdir', {str(tmp_path)!r}, *c[1:]]) "
+            f"for c in {calls!r}]; print(codes, sorted(m for m in ('torch', 'transformers', 'openvino') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == "[0, 0, 2, 2] []", (r.stdout, r.stderr[-2000:])   # no server: exit 2
+
+
 def test_user_errors_are_one_line_other_errors_keep_their_traceback(tmp_path, monkeypatch):
     r = yelp_ts("train", "--workdir", tmp_path, "--model", "/no/such/model")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("yelp-ts train: error:")
@@ -103,7 +112,7 @@ def test_user_errors_are_one_line_other_errors_keep_their_traceback(tmp_path, mo
 def test_run_end_to_end(tmp_path):
     "`yelp-ts run` on the embedded default (small sizes): data → train → archive → serve → predict; then stop."
     wd = tmp_path / "wd"
-    ports = [free_port() for _ in range(3)]
+    ports = list(serving.free_ports().values())
     r = yelp_ts("run", "--workdir", wd, "--n-train", 48, "--n-eval", 16, "--epochs", 1, "--max-length", 64,
                 "--inference-port", ports[0], "--management-port", ports[1], "--metrics-port", ports[2])
     try:

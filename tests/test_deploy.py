@@ -59,14 +59,17 @@ def test_the_pod_command_serves_behind_its_gate(manifests, tmp_path):
     "TorchServe started with the Deployment's command and config (paths and ports moved here), nginx from the template."
     wd, docs, secret = manifests
     pod, key = deploy.pod_command(docs), secret["stringData"]["key"]
-    ports = {**free_ports(3), "grpc": free_ports(2)}
+    ports = free_ports(3)
+    taken = list(ports.values())                     # none is bound before TorchServe starts: each must differ
+    for _ in range(3): taken.append(free_port(taken))
+    grpc_inference, grpc_management, gate_port = taken[3:]
     config_dir, store = tmp_path / "config", tmp_path / "model-store"
     config_dir.mkdir(); store.mkdir()
     shutil.copy(mar_path(wd), store / f"{MODEL_NAME}.mar")
     config = pod["config"]
     for old, new in [(deploy.MODEL_STORE, str(store)), (":8085", f":{ports['inference_port']}"),
                      (":8081", f":{ports['management_port']}"), (":8082", f":{ports['metrics_port']}"),
-                     ("=7070", f"={ports['grpc']['inference_port']}"), ("=7071", f"={ports['grpc']['management_port']}")]:
+                     ("=7070", f"={grpc_inference}"), ("=7071", f"={grpc_management}")]:
         config = config.replace(old, new)
     (config_dir / "config.properties").write_text(config)
     command = [str(store) if a == deploy.MODEL_STORE else a.replace(deploy.CONFIG_DIR, str(config_dir)) for a in pod["command"]]
@@ -75,7 +78,6 @@ def test_the_pod_command_serves_behind_its_gate(manifests, tmp_path):
            "METRICS_LOCATION": str(tmp_path / "logs")}
     server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
-    gate_port = free_port()
     gate = {"YELP_TS_KEY": key, "GATE_LISTEN": f"127.0.0.1:{gate_port}", "GATE_PORT": str(gate_port),
             "INFERENCE_PORT": str(ports["inference_port"])}
     site = Template(pod["gate_template"]).safe_substitute(gate)        # what the nginx image's envsubst does

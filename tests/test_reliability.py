@@ -26,7 +26,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import free_port, link_model
+from conftest import link_model
 from yelp_ts import serving
 from yelp_ts.archive import build_archive
 from yelp_ts.client import Client, read_keys
@@ -72,7 +72,7 @@ def _all_keys(wd):
 
 
 def _ports():
-    return dict(inference_port=free_port(), management_port=free_port(), metrics_port=free_port())
+    return serving.free_ports()
 
 
 def _workers(pid):

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import free_port, run_notebook
+from conftest import run_notebook
 from yelp_ts import serving
 from yelp_ts.archive import build_archive
 from yelp_ts.client import Client, read_keys
@@ -69,8 +69,7 @@ def served(trained_workdir, tmp_path_factory):
     wd = _copy_model(trained_workdir, tmp_path_factory.mktemp("wd_serving"))
     build_archive(wd, batch_size=4, max_batch_delay=100, workers=1, torch_threads=1, precision="fp32", runtime="torch")
     try:
-        info = serving.serve(wd, inference_port=free_port(), management_port=free_port(),
-                             metrics_port=free_port(), timeout=240, progress=False)
+        info = serving.serve(wd, **serving.free_ports(), timeout=240, progress=False)
         yield wd, info
     finally:
         serving.stop(wd)
@@ -249,7 +248,7 @@ def test_client_with_a_wrong_key_and_no_work_directory_says_where_keys_come_from
 def test_serve_twice_in_same_workdir_is_a_clear_error(served):
     wd, info = served
     with pytest.raises(YelpTsError, match="already running.*yelp-ts stop"):
-        serving.serve(wd, inference_port=free_port(), management_port=free_port(), metrics_port=free_port())
+        serving.serve(wd, **serving.free_ports())
     assert serving.status(wd)["pid"] == info["pid"]
 
 
@@ -275,7 +274,7 @@ def test_stop_when_nothing_runs_returns_false(empty_workdir):
 
 def test_missing_archive_says_run_archive(empty_workdir):
     with pytest.raises(YelpTsError, match="yelp-ts archive"):
-        serving.serve(empty_workdir, inference_port=free_port(), management_port=free_port(), metrics_port=free_port())
+        serving.serve(empty_workdir, **serving.free_ports())
 
 
 def test_corrupt_or_truncated_archive_is_a_clear_error(served, empty_workdir):
@@ -283,7 +282,7 @@ def test_corrupt_or_truncated_archive_is_a_clear_error(served, empty_workdir):
     store = model_dir(empty_workdir) / "model_store"; store.mkdir(parents=True)
     (store / "yelp.mar").write_bytes(mar.read_bytes()[: 1 << 20])      # the first MB of a real archive
     with pytest.raises(YelpTsError, match="corrupt or truncated.*yelp-ts archive"):
-        serving.serve(empty_workdir, inference_port=free_port(), management_port=free_port(), metrics_port=free_port())
+        serving.serve(empty_workdir, **serving.free_ports())
     assert not (model_dir(empty_workdir) / "server.json").exists()
 
 
@@ -293,7 +292,7 @@ def test_port_in_use_names_port_and_flag(served, empty_workdir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); s.listen(); taken = s.getsockname()[1]
         with pytest.raises(YelpTsError, match=f"port {taken} .*--management-port"):
-            serving.serve(empty_workdir, inference_port=free_port(), management_port=taken, metrics_port=free_port())
+            serving.serve(empty_workdir, **{**serving.free_ports(), "management_port": taken})
     assert serving.status(empty_workdir)["running"] is False
 
 
@@ -302,7 +301,7 @@ def test_java_missing_says_how_to_install(served, empty_workdir, monkeypatch):
     monkeypatch.delenv("JAVA_HOME", raising=False)
     assert serving.java_version() is None
     with pytest.raises(YelpTsError, match="Java 11\\+.*apt-get install openjdk-17-jre-headless"):
-        serving.serve(empty_workdir, inference_port=free_port())
+        serving.serve(empty_workdir, **serving.free_ports())
 
 
 def test_served_explanations_equal_in_process_ones(served, client):
@@ -344,8 +343,7 @@ def test_restart_gives_new_key_client_follows_and_stop_leaves_no_process(served)
 def test_serving_notebook_runs(trained_workdir, tmp_path):
     "The serving notebook under papermill on free ports: it starts, predicts and stops."
     wd = _copy_model(trained_workdir, tmp_path / "wd")
-    out = run_notebook("05_serving", tmp_path / "executed", workdir=str(wd), inference_port=free_port(),
-                       management_port=free_port(), metrics_port=free_port(), timeout=240, stop_at_end=True)
+    out = run_notebook("05_serving", tmp_path / "executed", workdir=str(wd), **serving.free_ports(), timeout=240, stop_at_end=True)
     assert serving.status(wd)["running"] is False
     assert not (model_dir(wd) / "server.json").exists()
     text = out.read_text()

@@ -8,6 +8,7 @@ __all__ = ['logger', 'PARITY_MIN', 'write_model_config', 'parity_texts', 'parity
 
 # %% ../nbs/04_archive.ipynb #ddc1b6b1
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -23,11 +24,11 @@ from pathlib import Path
 import yaml
 
 from .core import (MODEL_CONFIG, MODEL_FILES, MODEL_NAME, MODEL_VERSION, PARITY_FILE, PRECISION, RUNTIME,
-                          TOKENIZER_EXTRAS, BadInputError, MissingError, ServerError, check_model_dir, data_dir,
-                          mar_path, model_dir)
-from .handler import load_model, probabilities, resolve
-from .sample import sample_reviews
+                          TOKENIZER_EXTRAS, BadInputError, MissingError, ServerError, check_model_dir, cpu_name,
+                          data_dir, mar_path, model_dir, package_version)
 
+# the parity check's model functions (yelp_ts.handler: torch, transformers) are imported where they
+# are used, so that reading an archive, which is all `serving` does here, starts without them
 logger = logging.getLogger(__name__)
 
 # %% ../nbs/04_archive.ipynb #01cc3d85
@@ -58,6 +59,7 @@ def parity_texts(workdir=".", n=100) -> list:
     if path.is_file():
         import pandas as pd
         return pd.read_csv(path)["text"].astype(str).tolist()[:n]
+    from yelp_ts.sample import sample_reviews
     return sample_reviews(n, split="validation").text.tolist()
 
 def parity(reference, candidate) -> dict:
@@ -68,6 +70,7 @@ def parity(reference, candidate) -> dict:
 # %% ../nbs/04_archive.ipynb #4b9fb9b7
 def _texts_per_second(loaded, texts, batch_size):
     "Throughput of `probabilities` on `texts` at `batch_size` (the best of two passes, after a warm-up batch)."
+    from yelp_ts.handler import probabilities
     probabilities(loaded, texts[:batch_size])
     best = 0.0
     for _ in range(2):
@@ -75,12 +78,9 @@ def _texts_per_second(loaded, texts, batch_size):
         best = max(best, len(texts) / (time.perf_counter() - start))
     return round(best, 1)
 
-def choose_serving(workdir=".", precision=PRECISION, runtime=RUNTIME, batch_size=4, threads=None) -> dict:
-    """The precision and runtime to serve, checked against fp32 on torch: as given, or for `auto` the fastest candidate
-    with at least PARITY_MIN agreement (fp32 on torch when none has). Written to torch_model/parity.json."""
-    texts, d = parity_texts(workdir), check_model_dir(workdir)
-    precisions = [resolve(precision)[0]]
-    runtimes = ["openvino", "torch"] if runtime == "auto" and resolve(runtime=runtime)[1] == "openvino" else [resolve(runtime=runtime)[1]]
+def _measure(d, texts, precisions, runtimes, batch_size, threads) -> list:
+    "Each candidate's agreement with fp32 on torch over `texts`, and its speed when there is a choice to make."
+    from yelp_ts.handler import load_model, probabilities
     reference = load_model(d, threads=threads)
     expected, rows = probabilities(reference, texts, 16), []
     for p in precisions:
@@ -89,6 +89,37 @@ def choose_serving(workdir=".", precision=PRECISION, runtime=RUNTIME, batch_size
             rows.append({"precision": p, "runtime": r, "in_force": loaded.in_force,
                          **parity(expected, probabilities(loaded, texts, 16)),
                          "texts_per_s": _texts_per_second(loaded, texts[:32], batch_size) if len(runtimes) > 1 else None})
+    return rows
+
+# %% ../nbs/04_archive.ipynb #4b9fb9c2
+def _parity_key(d, texts, asked) -> dict:
+    "What a parity check depends on: the weights, the handler's code, the texts, what was asked, and this machine."
+    import hashlib, torch
+    digest = lambda data: hashlib.sha256(data).hexdigest()[:16]
+    handler = Path(importlib.util.find_spec("yelp_ts.handler").origin)
+    asked = {**asked, "threads": asked.get("threads") or torch.get_num_threads()}   # None: torch's own count
+    return {"model": digest((d / "model.safetensors").read_bytes()), "handler": digest(handler.read_bytes()),
+            "texts": digest("\n".join(texts).encode()), "asked": asked,
+            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "capability": torch.backends.cpu.get_cpu_capability(),
+                        "torch": torch.__version__, "openvino": package_version("openvino")}}
+
+def choose_serving(workdir=".", precision=PRECISION, runtime=RUNTIME, batch_size=None, threads=None) -> dict:
+    """The precision and runtime to serve, checked against fp32 on torch: as given, or for `auto` the fastest candidate
+    with at least PARITY_MIN agreement (fp32 on torch when none has), at the serving `batch_size` (None: the default of
+    `write_model_config`) on `threads`. Written to torch_model/parity.json; measured again only when the model, the
+    handler, the texts, the request or the machine changed since."""
+    from yelp_ts.handler import resolve
+    texts, d = parity_texts(workdir), check_model_dir(workdir)
+    precisions = [resolve(precision)[0]]
+    runtimes = ["openvino", "torch"] if runtime == "auto" and resolve(runtime=runtime)[1] == "openvino" else [resolve(runtime=runtime)[1]]
+    batch_size = batch_size or inspect.signature(write_model_config).parameters["batch_size"].default
+    key = _parity_key(d, texts, {"precision": precision, "runtime": runtime, "batch_size": batch_size, "threads": threads})
+    try: earlier = json.loads((d / PARITY_FILE).read_text())
+    except (OSError, ValueError): earlier = {}
+    if earlier.get("key") == key:
+        rows = earlier["candidates"]
+        logger.info("parity: as measured for this model, handler and machine (%s)", d / PARITY_FILE)
+    else: rows = _measure(d, texts, precisions, runtimes, batch_size, threads)
     passing = [row for row in rows if row["agreement"] >= PARITY_MIN]
     auto = "auto" in (precision, runtime)
     if auto and not passing:
@@ -100,7 +131,7 @@ def choose_serving(workdir=".", precision=PRECISION, runtime=RUNTIME, batch_size
                        "To keep fp32, archive with `yelp-ts archive --precision fp32 --runtime torch`.",
                        chosen["precision"], chosen["runtime"], 100 * chosen["agreement"], len(texts))
     result = {"chosen": chosen, "asked": {"precision": precision, "runtime": runtime}, "candidates": rows,
-              "texts": len(texts), "batch_size": batch_size}
+              "texts": len(texts), "batch_size": batch_size, "key": key}
     (d / PARITY_FILE).write_text(json.dumps(result, indent=1))
     return result
 
@@ -121,7 +152,8 @@ def build_archive(workdir=".", model_name=MODEL_NAME, version=MODEL_VERSION, pre
     The precision and runtime are checked against fp32 first (`choose_serving`); `model_config` goes to model-config.yaml."""
     d = check_model_dir(workdir)
     if (precision, runtime) != ("fp32", "torch"):
-        chosen = choose_serving(workdir, precision, runtime, model_config.get("batch_size") or 1,
+        batch = model_config.get("batch_size", inspect.signature(write_model_config).parameters["batch_size"].default)
+        chosen = choose_serving(workdir, precision, runtime, batch or 1,
                                 model_config.get("torch_threads") if model_config.get("torch_threads") != "auto" else None)["chosen"]
         model_config = {**model_config, "precision": chosen["precision"], "runtime": chosen["runtime"]}
     config = write_model_config(workdir, **model_config)

@@ -33,27 +33,22 @@ import torch
 from . import archive, data, pipeline, serving
 from .archive import parity
 from .client import read_keys
-from .core import BATCH_SIZE, MAX_LENGTH, METRICS_FILE, MODEL_FILES, TOKENIZER_EXTRAS, model_dir
+from .core import (BATCH_SIZE, MAX_LENGTH, METRICS_FILE, MODEL_FILES, PARITY_FILE, TOKENIZER_EXTRAS, cpu_name,
+                          model_dir, package_version)
 from .handler import load_model, native_precision, probabilities
 from .training import padding_speed, train, training_precision
 
 logger = logging.getLogger(__name__)
 
 # %% ../nbs/06_benchmark.ipynb #8bccedef
-def _version(pkg):
-    from importlib.metadata import version, PackageNotFoundError
-    try: return version(pkg)
-    except PackageNotFoundError: return None
-
 def machine_info() -> dict:
     "Cores, CPU and its bf16 features, native precision, and the versions that matter for these numbers."
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), platform.processor())
     flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), []))
     wrk = shutil.which("wrk")
-    return {"cores": os.cpu_count(), "cpu": cpu, "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+    return {"cores": os.cpu_count(), "cpu": cpu_name(), "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
             "native_precision": native_precision(), "python": platform.python_version(), "torch": torch.__version__,
-            **{p: _version(p) for p in ("transformers", "openvino", "torchserve", "litserve")},
+            **{p: package_version(p) for p in ("transformers", "openvino", "torchserve", "litserve")},
             "java": serving.java_version(), "load_generator": "wrk" if wrk else "python (wrk not installed)"}
 
 # %% ../nbs/06_benchmark.ipynb #cf716120
@@ -204,9 +199,17 @@ def python_load(url, key, texts, concurrency, seconds=5.0, workdir=None) -> dict
     from yelp_ts.benchmark import _client_run as client
     return in_fresh_process(client, url, key, list(texts), concurrency, seconds)
 
-def load(url, key, texts, concurrency, seconds=5.0, workdir=".") -> dict:
-    "One load with `wrk` where it is installed, else with `python_load`."
-    return (wrk_load if shutil.which("wrk") else python_load)(url, key, texts, concurrency, seconds, workdir)
+def load(url, key, texts, concurrency, seconds=5.0, workdir=".", min_requests=None) -> dict:
+    """One load with `wrk` where it is installed, else with `python_load`, for `seconds` — or longer (doubled, at most
+    4 times) until at least `min_requests` (default: one per user) were answered: no percentiles of nothing."""
+    run, need = (wrk_load if shutil.which("wrk") else python_load), min_requests or concurrency
+    for _ in range(5):
+        row = run(url, key, texts, concurrency, seconds, workdir)
+        if row["requests"] >= need: return row
+        logger.info("%s answered %d requests in %.0f s at concurrency %d: measuring again for twice as long", url,
+                    row["requests"], seconds, concurrency)
+        seconds *= 2
+    return row
 
 # %% ../nbs/06_benchmark.ipynb #691ed5c8
 ARTICLE_CONFIG = dict(batch_size=None, max_batch_delay=None, workers=None, torch_threads=None, precision="fp32",
@@ -214,12 +217,13 @@ ARTICLE_CONFIG = dict(batch_size=None, max_batch_delay=None, workers=None, torch
 ARTICLE_FRONTEND = dict(netty_threads=None, netty_client_threads=None, job_queue_size=None, cpu_launcher=False)
 
 def deployment_workdir(workdir, name) -> Path:
-    "`W/bench/{name}` with links to W's trained model files and data (the MAR is built there)."
+    "`W/bench/{name}` with links to W's trained model files and data (the MAR is built there), and its parity check."
     src, wd = model_dir(workdir).resolve(), Path(workdir).resolve() / "bench" / name
     dst = model_dir(wd); dst.mkdir(parents=True, exist_ok=True)
     for f in MODEL_FILES + TOKENIZER_EXTRAS + (METRICS_FILE,):
         if (src / f).is_file():
             (dst / f).unlink(missing_ok=True); (dst / f).symlink_to(src / f)
+    if (src / PARITY_FILE).is_file(): shutil.copyfile(src / PARITY_FILE, dst / PARITY_FILE)   # reused while still valid
     if not (wd / "data").exists() and (Path(workdir) / "data").exists(): (wd / "data").symlink_to(Path(workdir).resolve() / "data")
     return wd
 

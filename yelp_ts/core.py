@@ -19,8 +19,8 @@ __all__ = ['LABEL_NAMES', 'DATA_DIR', 'MODEL_DIR', 'MODEL_STORE', 'INDEX_TO_NAME
            'PRECISION', 'RUNTIME', 'MODEL_NAME', 'MODEL_VERSION', 'PORTS', 'SERVE_TIMEOUT', 'PRESETS', 'DEFAULT_PRESET',
            'ARTICLE_REVIEW', 'shown', 'data_dir', 'model_dir', 'mar_path', 'YelpTsError', 'MissingError',
            'BadInputError', 'OfflineError', 'NotRunningError', 'KeyRefusedError', 'ServerError', 'ServerTimeoutError',
-           'TrainingError', 'read_server_record', 'check_model_dir', 'embedded_model_dir', 'hub_reachable',
-           'require_hub']
+           'TrainingError', 'read_server_record', 'check_model_dir', 'cpu_name', 'package_version',
+           'embedded_model_dir', 'hub_reachable', 'require_hub']
 
 # %% ../nbs/00_core.ipynb #b40177ec
 LABEL_NAMES = ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"]
@@ -121,6 +121,21 @@ def check_model_dir(workdir="."):
         raise MissingError(f"The model folder {d} is missing {', '.join(missing)}{hint}. "
                            f"Run `yelp-ts train --workdir {shown(workdir)}` (or the 02_training notebook) first.")
     return d
+
+# %% ../nbs/00_core.ipynb #3e1c0a5e
+def cpu_name() -> str:
+    "The CPU's model name, as /proc/cpuinfo gives it (else what `platform` knows)."
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
+    except OSError: return platform.processor() or platform.machine()
+
+def package_version(name) -> str | None:
+    "The installed version of the package `name`, or None."
+    from importlib.metadata import PackageNotFoundError, version
+    try: return version(name)
+    except PackageNotFoundError: return None
 
 # %% ../nbs/00_core.ipynb #bb6237b6
 def embedded_model_dir() -> Path:

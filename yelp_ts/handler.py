@@ -28,11 +28,17 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 # from servers that must stay offline; OpenVINO runs without it when it cannot be imported, so make it so
 sys.modules.setdefault("openvino_telemetry", None)
 # TorchServe's base handler probes optional runtimes at import (OpenVINO's torch.compile backend, onnxruntime,
-# TensorRT) and warns about each; this handler loads what it uses itself, so those notes are noise on every import
+# TensorRT) and warns about each; this handler loads what it uses itself, so those notes are noise on every import.
+# The OpenVINO probe also imports torch's whole compiler stack (seconds of every worker's start): during that one
+# import it finds no `openvino.torch` and moves on; afterwards the module can be imported as usual
 logging.getLogger("ts.torch_handler.base_handler").setLevel(logging.ERROR)
+_skip_probe = "openvino.torch" not in sys.modules
+if _skip_probe: sys.modules["openvino.torch"] = None
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
-    from ts.torch_handler.base_handler import BaseHandler
+    try: from ts.torch_handler.base_handler import BaseHandler
+    finally:
+        if _skip_probe: del sys.modules["openvino.torch"]
 
 logger = logging.getLogger(__name__)
 

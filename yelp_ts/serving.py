@@ -72,9 +72,12 @@ def port_free(port, host="127.0.0.1"):
         except OSError: return False
     return True
 
-def _any_free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+def _any_free_port(taken=()):
+    "A port nothing listens on now and not in `taken` (ports the same server is about to bind: they are free too)."
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+        if port not in set(taken): return port
 
 def free_ports(n=3) -> dict:
     "Ports for a server of its own: {'inference_port': p, 'management_port': p + 1, 'metrics_port': p + 2}, all free now."
@@ -84,8 +87,13 @@ def free_ports(n=3) -> dict:
             return dict(zip(["inference_port", "management_port", "metrics_port"][:n], range(p, p + n)))
 
 def check_ports(ports):
-    "Raise `ServerError` naming the first port in `ports` ({api: port}) that is taken, and the flag to change it."
+    "Raise `ServerError` naming the first port in `ports` ({api: port}) that is taken or given twice, and the flag to change it."
+    seen = {}
     for api, port in ports.items():
+        if port in seen:
+            raise ServerError(f"port {port} is given to both the {seen[port]} and the {api} API: each needs its own "
+                               f"(`yelp-ts serve --{api.replace('_', '-')}-port PORT`).")
+        seen[port] = api
         if not port_free(port):
             flag = f"--{api.replace('_', '-')}-port"
             raise ServerError(f"port {port} ({api} API) is already in use on 127.0.0.1: stop what uses it "
@@ -97,13 +105,13 @@ def write_config(workdir=".", ports=None, netty_threads=None, netty_client_threa
     "Write `torch_model/config.properties` for `ports` ({api: port}; gRPC ports default to free ones); return its path."
     d = model_dir(workdir).resolve()
     ports = {**PORTS, **(ports or {})}
+    for api in ("grpc_inference", "grpc_management"): ports[api] = ports.get(api) or _any_free_port(ports.values())
     store = re.escape(str(d / "model_store")).replace("\\", "\\\\")   # a Java regex in a .properties file
     lines = [f"inference_address=http://127.0.0.1:{ports['inference']}",
              f"management_address=http://127.0.0.1:{ports['management']}",
              f"metrics_address=http://127.0.0.1:{ports['metrics']}",
              "grpc_inference_address=127.0.0.1", "grpc_management_address=127.0.0.1",
-             f"grpc_inference_port={ports.get('grpc_inference') or _any_free_port()}",
-             f"grpc_management_port={ports.get('grpc_management') or _any_free_port()}",
+             f"grpc_inference_port={ports['grpc_inference']}", f"grpc_management_port={ports['grpc_management']}",
              "enable_model_api=false", "disable_token_authorization=false",
              f"allowed_urls=file://{store}/.*", "install_py_dep_per_model=false"]
     tuning = {"number_of_netty_threads": netty_threads, "netty_client_threads": netty_client_threads,
@@ -190,19 +198,33 @@ def _log_sizes(workdir):
 FATAL_LOG_LINES = ("Failed to load model", "Load model failed", "ModelException", "Expected only one class")
 PROBE_TEXT = "The food was good and the staff were friendly."
 
-def _startup_problem(workdir, since):
-    "A reason to give up waiting, read from the new part of the logs, or None."
+def _new_log_text(workdir, since, names):
+    "What the logs `names` gained after the byte offsets `since`, as one text."
     text = ""
-    for name in ("ts_log.log", "model_log.log"):
+    for name in names:
         f = model_dir(workdir) / "logs" / name
         if f.exists():
             with open(f, "rb") as fh: fh.seek(since.get(name, 0)); text += fh.read().decode("utf-8", "replace")
-    errors = re.findall(r"MODEL_LOG - (\w+(?:Error|Exception): .*)", text)
+    return text
+
+def _startup_problem(workdir, since):
+    "A reason to give up waiting, read from the new part of the logs, or None."
+    text = _new_log_text(workdir, since, ("ts_log.log", "model_log.log"))
+    errors = re.findall(r"MODEL_LOG - ([\w.]+(?:Error|Exception): .*)", text)
     cause = f": {errors[-1].strip()}" if errors else ""
     for line in FATAL_LOG_LINES:
         if line in text: return f"the model did not load{cause or f' ({line!r} in the log)'}"
     if text.count("Backend worker process died") >= 3: return f"the model's worker keeps dying{cause}"
     return None
+
+def _exit_reason(workdir, since):
+    "Why the frontend exited during start-up, from what Java wrote to console.log (a port taken, an exception), or ''."
+    text = _new_log_text(workdir, since, ("console.log",))
+    bind = re.search(r"Failed to bind to address /?([\d.]+):(\d+)", text)
+    if bind: return (f": port {bind.group(2)} on {bind.group(1)} was taken by another program after it was checked "
+                     "(start again, or pick other ports)")
+    errors = re.findall(r"^\S*(?:Exception|Error)\S*: .*$", text, re.M)
+    return f": {errors[-1]}" if errors else ""
 
 # %% ../nbs/05_serving.ipynb #17e3b199
 class _Progress:
@@ -229,7 +251,7 @@ def _wait_ready(workdir, pid, model_name, timeout, progress, since):
     try:
         while time.monotonic() - t0 < timeout:
             bar.update(stage)
-            if not _proc(pid, workdir): raise ServerError("TorchServe exited during start-up")
+            if not _proc(pid, workdir): raise ServerError(f"TorchServe exited during start-up{_exit_reason(workdir, since)}")
             problem = _startup_problem(workdir, since)
             if problem: raise ServerError(problem)
             try:
@@ -259,8 +281,8 @@ def serve(workdir=".", model_name=MODEL_NAME, inference_port=PORTS["inference"],
     check_java()
     mar = check_mar(workdir, model_name)
     ports = dict(inference=inference_port, management=management_port, metrics=metrics_port,
-                 grpc_inference=grpc_inference_port or _any_free_port(),
-                 grpc_management=grpc_management_port or _any_free_port())
+                 grpc_inference=grpc_inference_port, grpc_management=grpc_management_port)
+    for api in ("grpc_inference", "grpc_management"): ports[api] = ports[api] or _any_free_port(ports.values())
     check_ports(ports)
     config = write_config(workdir, ports, netty_threads, netty_client_threads, job_queue_size, cpu_launcher)
     since = _log_sizes(workdir)
