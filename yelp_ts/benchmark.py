@@ -200,15 +200,16 @@ def python_load(url, key, texts, concurrency, seconds=5.0, workdir=None) -> dict
     return in_fresh_process(client, url, key, list(texts), concurrency, seconds)
 
 def load(url, key, texts, concurrency, seconds=5.0, workdir=".", min_requests=None) -> dict:
-    """One load with `wrk` where it is installed, else with `python_load`, for `seconds` — or longer (doubled, at most
-    4 times) until at least `min_requests` (default: one per user) were answered: no percentiles of nothing."""
+    """One load with `wrk` where it is installed, else with `python_load`, for `seconds` — or longer (at most 4 more
+    tries) until at least `min_requests` (default: one per user) were answered: no percentiles of nothing."""
     run, need = (wrk_load if shutil.which("wrk") else python_load), min_requests or concurrency
     for _ in range(5):
         row = run(url, key, texts, concurrency, seconds, workdir)
         if row["requests"] >= need: return row
-        logger.info("%s answered %d requests in %.0f s at concurrency %d: measuring again for twice as long", url,
-                    row["requests"], seconds, concurrency)
-        seconds *= 2
+        longer = max(2 * seconds, 1.5 * seconds * need / max(row["requests"], 1))   # from the rate seen, with a margin
+        logger.info("%s answered %d of %d requests in %.0f s at concurrency %d: measuring again for %.0f s", url,
+                    row["requests"], need, seconds, concurrency, longer)
+        seconds = longer
     return row
 
 # %% ../nbs/06_benchmark.ipynb #691ed5c8
@@ -289,16 +290,20 @@ def served_peer(workdir, settings, texts, concurrencies=(1, 4, 16), seconds=5.0)
         stop_peer(proc)
 
 # %% ../nbs/06_benchmark.ipynb #fc4520ea
+def _distinct(precisions) -> list:
+    "The precisions as training runs them, each once (`auto` is fp32 on a CPU without native bf16)."
+    return list(dict.fromkeys(training_precision(p) for p in precisions))
+
 def training_speed(workdir=".", steps=8, batch_size=BATCH_SIZE, precisions=("fp32", "auto")) -> list:
     "Training samples/s per precision (dynamic padding), same reviews and steps, after a warm-up run that is not counted."
     padding_speed(workdir, steps=2, batch_size=batch_size, precision=precisions[0])     # first-run costs, not counted
-    return [{"precision": training_precision(p), "samples_per_s": round(padding_speed(workdir, steps=steps,
-             batch_size=batch_size, precision=p), 2)} for p in precisions]
+    return [{"precision": p, "samples_per_s": round(padding_speed(workdir, steps=steps, batch_size=batch_size,
+             precision=p), 2)} for p in _distinct(precisions)]
 
 def training_accuracy(workdir=".", precisions=("fp32", "auto")) -> list:
     "A whole training per precision (train()'s defaults) on the work directory's data: accuracy, macro-F1, samples/s."
     rows = []
-    for p in precisions:
+    for p in _distinct(precisions):
         wd = Path(workdir).resolve() / "bench" / f"train_{p}"
         (wd / "data").mkdir(parents=True, exist_ok=True)
         for f in (Path(workdir) / "data").iterdir(): shutil.copy2(f, wd / "data" / f.name)
