@@ -54,3 +54,27 @@ def test_quick_benchmark_report(trained_workdir, tmp_path):
 def test_peer_notebook_serves_the_same_answers(trained_workdir, tmp_path):
     "06a_peer under papermill: LitServe starts, answers like the handler, refuses bad input and wrong keys, and stops."
     run_notebook("06a_peer", tmp_path / "executed", workdir=str(trained_workdir))
+
+
+def test_without_wrk_the_python_load_reports_its_own_cpu_only(tmp_path, monkeypatch):
+    """Where wrk is not installed, `load` falls back to a fresh Python process: every request is counted, and the
+    generator's CPU share is the load's own (not the child's imports, which once read as 335 %)."""
+    import http.server, threading
+    class Stars(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"                                   # keep-alive, like TorchServe
+        def do_POST(self):
+            assert self.headers["Authorization"] == "Bearer k" and "text" in json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body = b'{"stars": 3}'
+            self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *args): pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stars)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(benchmark.shutil, "which", lambda name: None)
+        row = benchmark.load(f"http://127.0.0.1:{server.server_port}/predictions/yelp", "k", ["good", "bad"], 2,
+                             seconds=1.0, workdir=tmp_path)
+    finally:
+        server.shutdown(); server.server_close()
+    assert row["requests"] > 2 and row["errors"] == 0 and row["p50_ms"] <= row["p95_ms"]
+    assert 0 <= row["generator_cpu"] < 1, row

@@ -152,8 +152,8 @@ def build_archive(workdir=".", model_name=MODEL_NAME, version=MODEL_VERSION, pre
     The precision and runtime are checked against fp32 first (`choose_serving`); `model_config` goes to model-config.yaml."""
     d = check_model_dir(workdir)
     if (precision, runtime) != ("fp32", "torch"):
-        batch = model_config.get("batch_size", inspect.signature(write_model_config).parameters["batch_size"].default)
-        chosen = choose_serving(workdir, precision, runtime, batch or 1,
+        batch = (model_config["batch_size"] or 1) if "batch_size" in model_config else None   # None: the default's
+        chosen = choose_serving(workdir, precision, runtime, batch,
                                 model_config.get("torch_threads") if model_config.get("torch_threads") != "auto" else None)["chosen"]
         model_config = {**model_config, "precision": chosen["precision"], "runtime": chosen["runtime"]}
     config = write_model_config(workdir, **model_config)

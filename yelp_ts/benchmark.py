@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['logger', 'WRK_SCRIPT', 'ARTICLE_CONFIG', 'ARTICLE_FRONTEND', 'TARGETS', 'machine_info', 'review_texts',
-           'token_lengths', 'in_process', 'candidates', 'ceiling', 'in_fresh_process', 'ceilings', 'wrk_load',
-           'python_load', 'load', 'deployment_workdir', 'served', 'served_peer', 'training_speed', 'training_accuracy',
-           'padding_comparison', 'run_times', 'run_ratio', 'tuned_config', 'ratios', 'report_markdown', 'run_benchmark',
-           'tuning_grid']
+           'token_lengths', 'in_process', 'candidates', 'ceiling', 'in_fresh_process', 'ceiling_seconds', 'ceilings',
+           'wrk_load', 'python_load', 'load', 'deployment_workdir', 'served', 'served_peer', 'training_speed',
+           'training_accuracy', 'padding_comparison', 'run_times', 'run_ratio', 'tuned_config', 'ratios',
+           'report_markdown', 'run_benchmark', 'tuning_grid']
 
 # %% ../nbs/06_benchmark.ipynb #51d5e250
 import http.client
@@ -112,6 +112,10 @@ def in_fresh_process(func, *args, **kwargs):
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         return pool.submit(func, *args, **kwargs).result()
 
+def ceiling_seconds(quick, seconds=None) -> float:
+    "Seconds per in-process measurement: as given, else 1 (quick) or 5 (full)."
+    return seconds or (1.0 if quick else 5.0)
+
 def ceilings(workdir, texts, full=False, seconds=3.0) -> list:
     "Every candidate measured in a fresh process of its own; each row also says how its answers compare with fp32's."
     from yelp_ts.benchmark import ceiling as measure      # the library's copy: a notebook's own can't be spawned
@@ -184,11 +188,12 @@ def _client_run(url, key, texts, concurrency, seconds, timeout=60.0):
                 ok = False; conn.close(); conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
             with lock: (latencies if ok else errors).append((time.perf_counter() - t) * 1000)
         conn.close()
+    cpu0 = sum(os.times()[:2])                # this process's CPU so far (its imports): not the load's
     start = time.perf_counter(); deadline = start + seconds
     threads = [threading.Thread(target=user, args=(k,)) for k in range(concurrency)]
     for th in threads: th.start()
     for th in threads: th.join()
-    took, cpu = time.perf_counter() - start, sum(os.times()[:2])
+    took, cpu = time.perf_counter() - start, sum(os.times()[:2]) - cpu0
     return {"concurrency": concurrency, "requests": len(latencies) + len(errors), "errors": len(errors),
             "seconds": round(took, 2), "requests_per_s": round(len(latencies) / took, 1), **_percentiles(latencies),
             "generator_cpu": round(cpu / took / os.cpu_count(), 3)}
@@ -434,15 +439,16 @@ def _describe(d) -> str:
             f"delay {c.get('maxBatchDelay')} ms, {h.get('precision', 'fp32')} on {h.get('runtime', 'torch')}")
 
 # %% ../nbs/06_benchmark.ipynb #9408eb7d
-def run_benchmark(workdir=".", quick=False, seconds=None, load_seconds=None, training_steps=None) -> dict:
+def run_benchmark(workdir=".", quick=False, seconds=None, load_seconds=None, training_steps=None, ceiling=None) -> dict:
     """Measure ceilings, the three deployments, training and the targets in one run; write bench/results.{json,md}.
-    `seconds` (in-process), `load_seconds` (per load) and `training_steps` override the quick/full sizes."""
+    `seconds` (in-process), `load_seconds` (per load) and `training_steps` override the quick/full sizes; `ceiling`:
+    the rows `ceilings` measured on the first 64 review texts at these sizes (the notebook's section 1), else measured here."""
     loaded = load_model(model_dir(workdir))                            # fails early: no trained model
-    texts, secs, lsecs = review_texts(workdir, 256), seconds or (1.0 if quick else 5.0), load_seconds or (4.0 if quick else 20.0)
+    texts, secs, lsecs = review_texts(workdir, 256), ceiling_seconds(quick, seconds), load_seconds or (4.0 if quick else 20.0)
     result = {"quick": quick, "max_length": loaded.max_length, "machine": machine_info(),
               "texts": token_lengths(texts, loaded.tokenizer, loaded.max_length)}
     logger.info("ceilings: in-process, each runtime and precision …")
-    result["ceiling"] = ceilings(workdir, texts[:64], full=not quick, seconds=secs)
+    result["ceiling"] = ceiling or ceilings(workdir, texts[:64], full=not quick, seconds=secs)
     logger.info("served: the article's deployment (TorchServe defaults, fp32) …")
     result["article"] = served(workdir, "article", ARTICLE_CONFIG, texts, seconds=lsecs, frontend=ARTICLE_FRONTEND)
     logger.info("served: yelp_ts's deployment …")

@@ -63,7 +63,8 @@ TYPES = {"epochs": float, "max_length": int, "torch_threads": _auto_or_int, "loa
 CHOICES = {"padding": "training.PADDINGS", "precision": "handler.PRECISIONS", "runtime": "handler.RUNTIMES"}   # via `lib`
 RENAME = {"write_model_config": {"batch_size": "serve_batch_size"}}   # `run` and `debug` train and serve
 SKIP = {"workdir", "progress", "model_config", "grpc_inference_port", "grpc_management_port"}
-SKIP_FOR = {"write_model_config": {"precision", "runtime"}}   # build_archive's own options, checked before written
+SKIP_FOR = {"write_model_config": {"precision", "runtime"},    # build_archive's own options, checked before written
+            "run_benchmark": {"ceiling"}}                       # measured rows, passed by the notebook: not an option
 
 def add_options(parser, func, skip=()):
     "One `--option` per parameter of `func` (its default shown in the help, not set: the function's applies)."
