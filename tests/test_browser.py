@@ -130,7 +130,15 @@ def test_opening_and_saving_every_notebook_leaves_git_status_clean(lab, page, re
 
 def test_run_all_in_05_serving_then_the_demo_answers(lab, page, reader_repo):
     _open(page, lab, "05_serving.ipynb")
-    _menu(page, "Run", "Run All Cells")
+    # In a JupyterLab just started, the first Run All can come before the notebook is wired to its kernel and run
+    # nothing (the kernel stayed idle, every prompt empty): click again only when no cell has started.
+    started = "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))"
+    for _ in range(3):
+        _menu(page, "Run", "Run All Cells")
+        try:
+            page.wait_for_function(started, timeout=30_000, polling=500); break
+        except playwright.TimeoutError: page.locator(".jp-Notebook").first.click()
+    else: raise AssertionError("Run → Run All Cells started no cell, three times")
     # done when every cell has run, or as soon as one wrote an error (Run All stops there; tracebacks are stderr)
     done = """() => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent);
                       const failed = document.querySelector(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']");
