@@ -152,7 +152,7 @@ def build_archive(workdir=".", model_name=MODEL_NAME, version=MODEL_VERSION, pre
     The precision and runtime are checked against fp32 first (`choose_serving`); `model_config` goes to model-config.yaml."""
     d = check_model_dir(workdir)
     if (precision, runtime) != ("fp32", "torch"):
-        batch = (model_config["batch_size"] or 1) if "batch_size" in model_config else None   # None: the default's
+        batch = (model_config["batch_size"] or 1) if "batch_size" in model_config else None   # unset: the default's; None: TorchServe's 1
         chosen = choose_serving(workdir, precision, runtime, batch,
                                 model_config.get("torch_threads") if model_config.get("torch_threads") != "auto" else None)["chosen"]
         model_config = {**model_config, "precision": chosen["precision"], "runtime": chosen["runtime"]}
