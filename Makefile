@@ -1,6 +1,6 @@
 # The two set-up commands of the README:
 #   make run   — fresh venv (torch first, then the project) and the whole pipeline on the embedded default
-#   make test  — fresh venv and the full test suite (what CI runs)
+#   make test  — fresh venv and the full test suite (what CI runs); make test-quick: the fast tier, between edits
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(abspath $(VENV))/bin
@@ -33,10 +33,10 @@ run: venv
 	$(BIN)/yelp-ts run
 
 test: venv
-	$(BIN)/pytest -m "slow or not slow"
+	$(BIN)/pytest -m ""          # every tier: training, TorchServe, the browser, the notebooks, the long loads
 
 test-quick: venv
-	$(BIN)/pytest
+	$(BIN)/pytest                # the fast tier (pytest.ini): unit and in-process tests, in random order
 
 # jupyter_server_config.py: nbdev's clean-on-save hook, so opening and saving a notebook leaves git status clean
 lab: venv

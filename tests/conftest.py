@@ -1,18 +1,34 @@
-"""Shared fixtures: notebooks run by papermill into temporary work directories with small parameters."""
+"""Shared fixtures: notebooks run by papermill into temporary work directories with small parameters; the test tiers.
+
+Tiers (markers): `training` fine-tunes a model, `torchserve` starts a real server (TorchServe, the LitServe peer,
+the pod's nginx gate), `browser` drives Chromium, `notebook` runs a notebook under papermill, `slow` is a long load.
+A test that uses a fixture which trains or serves gets that marker here; the others are marked where they are
+defined. `make test-quick` runs what has none of them; `make test` (CI) runs everything."""
 import socket
 from pathlib import Path
 
 import papermill as pm
 import pytest
+import torch
 
-from yelp_ts.core import MAX_LENGTH
+from yelp_ts.core import MAX_LENGTH, WorkDir
 
 REPO = Path(__file__).resolve().parents[1]
 NBS = REPO / "nbs"
+TIERS = ("training", "torchserve", "browser", "notebook", "slow")
+FIXTURE_TIERS = {"trained_workdir": "training", "data_workdir": "notebook", "served": "torchserve", "server": "torchserve", "own_server": "torchserve",
+                 "served_bf16": "torchserve", "manifests": "torchserve", "lab": "browser"}
 
 # Small sizes for CI: big enough that the fine-tuned model beats the TF-IDF baseline.
 SMALL_DATA = dict(n_train=320, n_eval=120, seed=42)
 SMALL_TRAIN = dict(epochs=5, max_length=MAX_LENGTH, batch_size=8)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    "Mark each test with the tiers of the fixtures it uses (before `-m` selects), so the fast tier leaves them out."
+    for item in items:
+        for name in set(item.fixturenames) & set(FIXTURE_TIERS): item.add_marker(FIXTURE_TIERS[name])
 
 
 def run_notebook(name, out_dir, **parameters):
@@ -28,9 +44,9 @@ def run_notebook(name, out_dir, **parameters):
 
 def link_model(src_workdir, dst_workdir):
     "A work directory of its own whose torch_model/ links to the model files of `src_workdir`'s (fast, no copy, no archive)."
-    d = Path(dst_workdir) / "torch_model"
+    d = WorkDir(dst_workdir).model
     d.mkdir(parents=True)
-    for f in (Path(src_workdir) / "torch_model").iterdir():
+    for f in WorkDir(src_workdir).model.iterdir():
         if f.is_file() and f.name != "model-config.yaml": (d / f.name).symlink_to(f)
     return Path(dst_workdir)
 
@@ -65,11 +81,29 @@ def trained_workdir(tmp_path_factory):
 def untrained_model_workdir(tmp_path_factory):
     "A work directory whose torch_model/ holds MiniLM with a fresh 5-star head (saved in seconds; predictions are noise)."
     from transformers import AutoTokenizer
-    from yelp_ts.core import MAX_LENGTH, embedded_model_dir
+    from yelp_ts.core import embedded_model_dir
     from yelp_ts.training import load_base_model, save_model
 
     wd = tmp_path_factory.mktemp("wd_untrained")
     save_model(load_base_model("minilm", seed=0), AutoTokenizer.from_pretrained(embedded_model_dir()), wd, MAX_LENGTH)
+    return wd
+
+
+@pytest.fixture(scope="session")
+def tied_model_workdir(untrained_model_workdir, tmp_path_factory):
+    """The untrained model with a head that ties 1 star and 2 stars up to a difference far below bf16's rounding (the
+    other classes out of the race): fp32 picks either, bf16 rounds the two rows alike and picks 1 star — a model on
+    which "bf16 serves fp32's answers" fails for about half the reviews, so tests of what was served can fail."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    wd, src = tmp_path_factory.mktemp("wd_tied"), WorkDir(untrained_model_workdir).model
+    m = AutoModelForSequenceClassification.from_pretrained(src)
+    w, b, g = m.classifier.weight, m.classifier.bias, torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        w[1] = w[0] + 1e-4 * w[0].abs().mean() * torch.randn(w.shape[1], generator=g)
+        b.zero_(); b[2:] = -20
+    m.save_pretrained(WorkDir(wd).model)
+    AutoTokenizer.from_pretrained(src).save_pretrained(WorkDir(wd).model)
+    (WorkDir(wd).model / "index_to_name.json").write_text((src / "index_to_name.json").read_text())
     return wd
 
 

@@ -1,11 +1,15 @@
 """The quick benchmark's code path on a tiny load: the report's structure and the rules it measures by, not its timings."""
 import json
 
+import pytest
+from dataclasses import asdict
+
 from conftest import link_model, run_notebook
 from yelp_ts import benchmark, serving
 from yelp_ts.training import training_precision
 
 
+@pytest.mark.notebook
 def test_quick_benchmark_report(trained_workdir, tmp_path):
     "The benchmark notebook under papermill, quick mode on tiny loads: it runs, and its report has every part."
     wd = link_model(trained_workdir, tmp_path / "wd")
@@ -21,7 +25,7 @@ def test_quick_benchmark_report(trained_workdir, tmp_path):
         assert needle in md, needle
 
     ceiling = result["ceiling"]                                     # every runtime and precision this machine runs
-    assert [(r["precision"], r["runtime"]) for r in ceiling] == [tuple(c) for c in benchmark.candidates()]
+    assert [(r["precision"], r["runtime"]) for r in ceiling] == [tuple(c) for c in benchmark.bench_candidates()]
     assert ceiling[0]["agreement"] == 1.0 and all(0 <= r["agreement"] <= 1 and r["model_mb"] > 0 for r in ceiling)
     assert all([b["batch_size"] for b in r["batches"]] == [1, 8, 16] and all(b["samples_per_s"] > 0 for b in r["batches"])
                for r in ceiling)
@@ -33,7 +37,7 @@ def test_quick_benchmark_report(trained_workdir, tmp_path):
         for r in loads:
             assert r["errors"] == 0 and r["requests"] > 0 and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
             assert 0 <= r["generator_cpu"] < 1
-    assert result["article"]["model_config"] == benchmark.ARTICLE_CONFIG
+    assert result["article"]["serving"] == asdict(benchmark.ARTICLE_SERVING) and result["article"]["asked"]["precision"] == "fp32"
     chosen = json.loads((out / "yelp_ts" / "torch_model" / "parity.json").read_text())["chosen"]
     handler = result["yelp_ts"]["config"]["handler"]
     assert (handler["precision"], handler["runtime"]) == (chosen["precision"], chosen["runtime"])
@@ -51,11 +55,13 @@ def test_quick_benchmark_report(trained_workdir, tmp_path):
         assert not serving.status(out / name).get("running")
 
 
+@pytest.mark.notebook
 def test_peer_notebook_serves_the_same_answers(trained_workdir, tmp_path):
     "06a_peer under papermill: LitServe starts, answers like the handler, refuses bad input and wrong keys, and stops."
     run_notebook("06a_peer", tmp_path / "executed", workdir=str(trained_workdir))
 
 
+@pytest.mark.slow
 def test_without_wrk_the_python_load_reports_its_own_cpu_only(tmp_path, monkeypatch):
     """Where wrk is not installed, `load` falls back to a fresh Python process: every request is counted, and the
     generator's CPU share is the load's own (not the child's imports, which once read as 335 %)."""

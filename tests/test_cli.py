@@ -2,6 +2,7 @@
 import argparse
 import inspect
 import json
+from dataclasses import asdict, fields
 import re
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import pytest
 import yaml
 
 from conftest import REPO, link_model, run_notebook
-from yelp_ts import archive, cli, core, data, serving, training
+from yelp_ts import archive, benchmark, cli, core, data, deploy, serving, settings, training
+from yelp_ts.settings import option
 
 YELP_TS = str(Path(sys.executable).parent / "yelp-ts")
 
@@ -20,58 +22,88 @@ def yelp_ts(*args, timeout=900):
     return subprocess.run([YELP_TS, *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.notebook
 def test_cli_notebook_runs(tmp_path):
     run_notebook("07_cli", tmp_path / "executed", workdir=str(tmp_path / "wd"))
     assert (tmp_path / "wd" / "data" / "train.csv").exists()
 
 
-def test_archive_takes_serving_settings(untrained_model_workdir, tmp_path):
+def test_archive_takes_serving_settings(untrained_model_workdir, tmp_path, capsys):
     wd = link_model(untrained_model_workdir, tmp_path / "wd")
-    r = yelp_ts("archive", "--workdir", wd, "--model-name", "cli", "--workers", "2", "--precision", "fp32", "--runtime",
-                "torch", "--torch-threads", "1", "--serve-batch-size", "16", "--max-batch-delay", "7")
-    assert r.returncode == 0, r.stderr
+    code = cli.main(["archive", "--workdir", wd, "--model-name", "cli", "--workers", "2", "--precision", "fp32", "--runtime",
+                     "torch", "--torch-threads", "1", "--serve-batch-size", "16", "--max-batch-delay", "7"])
+    assert code == 0 and capsys.readouterr().out.strip().endswith("cli.mar")
     config = yaml.safe_load((wd / "torch_model" / "model-config.yaml").read_text())
     assert (config["minWorkers"], config["batchSize"], config["maxBatchDelay"], config["handler"]["torch_threads"]) == (2, 16, 7, 1)
     assert (wd / "torch_model" / "model_store" / "cli.mar").exists()
 
 
 def _subparser(name):
-    return next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return next(a for a in cli.build_parser(name)._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
 
 
-@pytest.mark.parametrize("command, func", [("data", data.make_data), ("train", training.train),
-                                           ("archive", archive.write_model_config), ("serve", serving.serve),
-                                           ("debug", archive.build_archive), ("debug", serving.serve),
-                                           ("run", training.train), ("run", serving.serve)])
-def test_options_and_their_defaults_come_from_the_function(command, func):
-    "Every parameter is an option whose help shows the function's default; an option left out is not passed."
-    help_text = " ".join(_subparser(command).format_help().split())
-    for name, p in inspect.signature(func).parameters.items():
-        if name in cli.SKIP | cli.SKIP_FOR.get(func.__name__, set()) or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL): continue
-        flag = "--" + cli.RENAME.get(func.__name__, {}).get(name, name).replace("_", "-")
-        assert flag in help_text, (command, flag)
-        shown = " ".join(next(a for a in _subparser(command)._actions if flag in a.option_strings).help.split())
-        described = p.default is None and ("(default:" in shown or "(unset:" in shown)   # None: the help says what applies
-        assert f"(default: {p.default})" in shown or described, (command, name, p.default, shown)
-    assert cli.given(_subparser(command).parse_args([]), func) == {}
+FUNCTIONS = {settings.Data: data.make_data, settings.Train: training.train, settings.Server: serving.serve,
+             settings.Bench: benchmark.run_benchmark, settings.Deploy: deploy.write_manifests}
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_each_command_has_its_steps_settings_as_options_with_their_defaults(command):
+    "One option per setting of the command's steps, its help showing the default in force; left out, none is passed."
+    parser, steps = _subparser(command), cli.COMMANDS[command][1]
+    actions = {a.dest: a for a in parser._actions}
+    for step in steps:
+        for f in fields(step):
+            action = actions[option(f)]
+            shown = " ".join(action.help.split())
+            assert (f"(default: {f.default})" in shown) if f.default is not None else "(unset:" in shown, (command, f.name, shown)
+    expected = {option(f) for step in steps for f in fields(step)}
+    assert {d for d in actions if d not in ("help", "workdir", "preset", "texts", "target")} == expected
+    assert cli._options(parser.parse_args(["x"] if command in ("predict", "explain") else ["k8s"] if command == "deploy" else [])) == {}
+
+
+@pytest.mark.parametrize("step", list(FUNCTIONS))
+def test_each_step_takes_exactly_its_settings(step):
+    "The library function of a step takes every field of its settings by name (so `**asdict(settings)` calls it)."
+    inspect.signature(FUNCTIONS[step]).bind(".", **asdict(step()))
+    assert set(inspect.signature(FUNCTIONS[step]).parameters) >= {f.name for f in fields(step)}
+    inspect.signature(archive.build_archive).bind(".", **asdict(settings.Archive()), serving=settings.Serving())
+
+
+def test_every_setting_says_what_unset_means_and_shared_options_agree():
+    for step in settings.ALL_STEPS:
+        for f in fields(step):
+            assert f.metadata["help"], f.name
+            if f.default is None: assert "(unset:" in f.metadata["help"], (step.__name__, f.name)
+            if f.type is bool: assert f.default is False, "a bool option is a store_true flag: its default must be False"
+    for name, owners in settings.shared_options().items():
+        found = [next(f for f in fields(s) if option(f) == name) for s in owners]
+        assert len({f.default for f in found}) == 1, (name, [s.__name__ for s in owners])
+
+
+def test_no_default_is_read_back_from_a_signature():
+    "Defaults are declared once, in yelp_ts.settings: nothing reads them back from a function's signature."
+    for path in sorted((REPO / "yelp_ts").glob("*.py")):
+        code = path.read_text()
+        assert not re.search(r"inspect\.signature|\.parameters\[", code), path.name
 
 
 def test_shared_defaults_have_one_home():
-    "The defaults every step shares are yelp_ts.core's: the signatures read them, no module repeats the values."
-    sig = lambda f, p: inspect.signature(f).parameters[p].default
-    assert sig(training.train, "max_length") is sig(training.tokenize, "max_length") is core.MAX_LENGTH
-    assert sig(training.train, "model") == sig(training.resolve_model, "model") == core.DEFAULT_MODEL
-    assert sig(data.make_data, "n_train") == core.N_TRAIN and sig(data.make_data, "seed") == core.SEED
-    assert sig(serving.serve, "inference_port") == core.PORTS["inference"]
-    assert sig(archive.build_archive, "model_name") == sig(serving.serve, "model_name") == core.MODEL_NAME
+    "The facts every step shares are yelp_ts.core's, the settings' defaults yelp_ts.settings': no module repeats them."
+    assert settings.Train.max_length == core.MAX_LENGTH and settings.Data.seed == settings.Train.seed == core.SEED
+    assert settings.Train.model == core.DEFAULT_MODEL and settings.Server.inference_port == core.PORTS["inference"]
+    assert settings.Archive.model_name == settings.Server.model_name == core.MODEL_NAME
     literals = {"max length 128": r"length\w*\W{1,6}128\b", "8080": r"\b8080\b", '"yelp"': r'"yelp"',
                 "timeout=300": r"timeout=300\b", "1.5e-4": r"1\.5e-4", '"minilm"': r'"minilm"',
-                '"torch_model"': r'"torch_model"', '"server.json"': r'"server\.json"', '"key_file.json"': r'"key_file\.json"'}
+                '"torch_model"': r'"torch_model"', '"server.json"': r'"server\.json"', '"key_file.json"': r'"key_file\.json"',
+                '"model_store"': r'"model_store"', '"run.json"': r'"run\.json"', '"/predictions/': r'"/predictions/',
+                '".model_server.pid"': r'"\.model_server\.pid"', '"logs"': r'/ "logs"', '"tmp"': r'/ "tmp"'}
+    homes = {"core.py": set(literals) - {"1.5e-4", "timeout=300"},
+             "settings.py": {"1.5e-4", "timeout=300"}, "_modidx.py": set(literals),
+             "client.py": {'"/predictions/'}}          # the client splits the URL it is given at the route
     for path in sorted((REPO / "yelp_ts").glob("*.py")):
-        if path.name in ("core.py", "_modidx.py"): continue
         code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
-        found = [name for name, pattern in literals.items() if re.search(pattern, code)]
-        assert not found, f"{path.name} repeats {found}: import it from yelp_ts.core"
+        found = [name for name, pattern in literals.items() if re.search(pattern, code) and name not in homes.get(path.name, ())]
+        assert not found, f"{path.name} repeats {found}: import it from yelp_ts.core or yelp_ts.settings"
 
 
 def test_readme_command_line_shows_the_defaults_in_force():
@@ -99,16 +131,18 @@ def test_commands_that_talk_to_a_server_start_without_torch(tmp_path):
     assert r.stdout.strip().splitlines()[-1] == "[0, 0, 2, 2] []", (r.stdout, r.stderr[-2000:])   # no server: exit 2
 
 
-def test_user_errors_are_one_line_other_errors_keep_their_traceback(tmp_path, monkeypatch):
-    r = yelp_ts("train", "--workdir", tmp_path, "--model", "/no/such/model")
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("yelp-ts train: error:")
-    assert "Traceback" not in r.stderr and "--model minilm" in r.stderr
+def test_user_errors_are_one_line_other_errors_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    assert cli.main(["train", "--workdir", tmp_path, "--model", "/no/such/model"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("yelp-ts train: error:") and "--model minilm" in err
     def bug(args): raise ValueError("a shape mismatch: a bug, not the user's doing")
-    monkeypatch.setitem(cli.COMMANDS, "status", bug)
+    monkeypatch.setattr(cli, "cmd_status", bug)
     with pytest.raises(ValueError, match="shape mismatch"):              # not turned into exit status 2
         cli.main(["status", "--workdir", str(tmp_path)])
 
 
+@pytest.mark.training
+@pytest.mark.torchserve
 def test_run_end_to_end(tmp_path):
     "`yelp-ts run` on the embedded default (small sizes): data → train → archive → serve → predict; then stop."
     wd = tmp_path / "wd"
@@ -144,6 +178,9 @@ def test_run_end_to_end(tmp_path):
     assert not json.loads(yelp_ts("status", "--workdir", wd).stdout)["running"]
 
 
+@pytest.mark.notebook
+@pytest.mark.training
+@pytest.mark.torchserve
 @pytest.mark.parametrize("name", ["05c_pipeline", "index"])
 def test_pipeline_and_index_notebooks_run_the_whole_article(tmp_path, name):
     "05c_pipeline (run, then the debug cycle) and the index's five calls, small, on free ports; nothing left running."

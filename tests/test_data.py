@@ -6,7 +6,7 @@ import datasets
 import socket
 
 from yelp_ts import core
-from yelp_ts.core import LABEL_NAMES, YelpTsError, data_dir, hub_reachable, model_dir, require_hub
+from yelp_ts.core import LABEL_NAMES, YelpTsError, hub_reachable, WorkDir, require_hub
 from yelp_ts.data import data_info, load_data, make_data, read_reviews_csv, tfidf_baseline
 from yelp_ts.sample import sample_reviews
 
@@ -15,8 +15,8 @@ OFFLINE_VARS = ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
 
 def test_work_directory_layout():
     assert LABEL_NAMES == ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"]
-    assert str(data_dir("w")) == "w/data" and str(model_dir("w")) == "w/torch_model"
-    assert str(core.mar_path("w", "m")) == "w/torch_model/model_store/m.mar"
+    assert str(WorkDir("w").data) == "w/data" and str(WorkDir("w").model) == "w/torch_model"
+    assert str(WorkDir("w").mar("m")) == "w/torch_model/model_store/m.mar"
 
 
 def test_sample_is_deterministic_and_balanced():

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import free_port, link_model
 from yelp_ts import archive, deploy
-from yelp_ts.core import MODEL_NAME, mar_path
+from yelp_ts.core import MODEL_NAME, WorkDir
 from yelp_ts.serving import free_ports
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -44,7 +44,7 @@ def test_manifests_are_valid_and_complete(manifests):
     kinds = {d["kind"]: d for d in docs}
     assert kinds["Deployment"]["spec"]["replicas"] == 3 and kinds["HorizontalPodAutoscaler"]["spec"]["minReplicas"] == 3
     torchserve = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-    packed = archive.mar_model_config(mar_path(wd))
+    packed = archive.mar_model_config(WorkDir(wd).mar())
     assert torchserve["resources"]["requests"]["cpu"] == str(packed["minWorkers"] * packed["handler"]["torch_threads"])
     assert [p["targetPort"] for p in kinds["Service"]["spec"]["ports"]] == ["http"]      # management, metrics: off it
     ingress = kinds["NetworkPolicy"]["spec"]["ingress"][0]
@@ -65,14 +65,14 @@ def test_the_pod_command_serves_behind_its_gate(manifests, tmp_path):
     grpc_inference, grpc_management, gate_port = taken[3:]
     config_dir, store = tmp_path / "config", tmp_path / "model-store"
     config_dir.mkdir(); store.mkdir()
-    shutil.copy(mar_path(wd), store / f"{MODEL_NAME}.mar")
+    shutil.copy(WorkDir(wd).mar(), store / f"{MODEL_NAME}.mar")
     config = pod["config"]
-    for old, new in [(deploy.MODEL_STORE, str(store)), (":8085", f":{ports['inference_port']}"),
+    for old, new in [(deploy.POD_MODEL_STORE, str(store)), (":8085", f":{ports['inference_port']}"),
                      (":8081", f":{ports['management_port']}"), (":8082", f":{ports['metrics_port']}"),
                      ("=7070", f"={grpc_inference}"), ("=7071", f"={grpc_management}")]:
         config = config.replace(old, new)
     (config_dir / "config.properties").write_text(config)
-    command = [str(store) if a == deploy.MODEL_STORE else a.replace(deploy.CONFIG_DIR, str(config_dir)) for a in pod["command"]]
+    command = [str(store) if a == deploy.POD_MODEL_STORE else a.replace(deploy.POD_CONFIG_DIR, str(config_dir)) for a in pod["command"]]
     command[0] = str(Path(sys.executable).parent / "torchserve")
     env = {**os.environ, "TMPDIR": str(tmp_path), "TEMP": str(tmp_path), "LOG_LOCATION": str(tmp_path / "logs"),
            "METRICS_LOCATION": str(tmp_path / "logs")}
@@ -115,6 +115,7 @@ def test_the_pod_command_serves_behind_its_gate(manifests, tmp_path):
             except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.notebook
 def test_deploy_notebook_runs(manifests, tmp_path):
     from conftest import run_notebook
     run_notebook("09_deploy", tmp_path / "executed", workdir=str(manifests[0]))

@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from conftest import run_notebook
-from yelp_ts.core import LABEL_NAMES, model_dir
+from yelp_ts.core import LABEL_NAMES, WorkDir
 from yelp_ts.data import load_data
 from yelp_ts.explain import explanation_html, faithfulness, terminal_view
-from yelp_ts.handler import STARS, TransformersClassifierHandler, explain, load_model, probabilities
+from yelp_ts.handler import TransformersClassifierHandler
+from yelp_ts.model import STARS, explain, load_model, probabilities
 from yelp_ts.worker import local_context, run_batch
 
 
 @pytest.fixture(scope="module")
 def loaded(trained_workdir):
-    return load_model(model_dir(trained_workdir))
+    return load_model(WorkDir(trained_workdir).model)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_targets_and_views(loaded):
 def test_a_mixed_batch_answers_each_request_in_order(trained_workdir, loaded):
     "Predictions, explanations (with and without a target), bad bodies and bad targets, in one batch."
     h = TransformersClassifierHandler()
-    h.initialize(local_context(model_dir(trained_workdir), {"explain_steps": 16}))
+    h.initialize(local_context(WorkDir(trained_workdir).model, {"explain_steps": 16}))
     good = "Lovely staff and great coffee."
     bodies = [("text/plain", good), ("application/json", json.dumps({"text": good, "target": 2}), "explain"),
               ("text/plain", "  "), ("text/plain", good, "explain"),
@@ -76,6 +77,7 @@ def test_a_mixed_batch_answers_each_request_in_order(trained_workdir, loaded):
     assert [w["attribution"] for w in out[1]["words"]] == pytest.approx([w["attribution"] for w in alone["words"]], abs=1e-5)
 
 
+@pytest.mark.notebook
 def test_notebook_runs(trained_workdir, tmp_path):
     run_notebook("03b_explain", tmp_path, workdir=str(trained_workdir), n_faithful=8)
 

@@ -1,8 +1,12 @@
-"""The TorchServe handler, in-process: a real ts.context.Context, batches that mix good and bad requests."""
+"""The TorchServe handler and the model module it runs, in-process: a real ts.context.Context, batches that mix good
+and bad requests, every runtime and precision of the registry."""
 import ast
 import importlib.util
 import logging
+import re
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -10,30 +14,21 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import run_notebook
-from yelp_ts.core import LABEL_NAMES, MAX_LENGTH
-from yelp_ts.handler import TransformersClassifierHandler, encode, load_model, probabilities, request_text
-from yelp_ts.worker import local_context, run_batch
+from yelp_ts.core import LABEL_NAMES, MAX_LENGTH, WorkDir
+from yelp_ts.handler import TransformersClassifierHandler, request_text
+from yelp_ts.model import PRECISIONS, RUNTIMES, encode, load_model, probabilities
+from yelp_ts.worker import BAD_REQUESTS, local_context, run_batch
 
 HANDLER_FILE = Path(importlib.util.find_spec("yelp_ts.handler").origin)
+MODEL_FILE = Path(importlib.util.find_spec("yelp_ts.model").origin)
 GOOD = ["The tacos were amazing and the staff was lovely.", "Cold food, rude waiter, never again.",
         "It was fine. Nothing special, a bit pricey.", "Best brunch in town, five stars!"]
-BAD = {  # what a client sends that carries no usable review (content type, body)
-    "empty": ("text/plain", b""),
-    "whitespace": ("text/plain", " \n\t "),
-    "invalid UTF-8": ("text/plain", b"caf\xe9 au lait"),
-    "JSON not an object": ("application/json", '["a", "b"]'),
-    "JSON without text": ("application/json", '{"review": "hello"}'),
-    "number instead of text": ("application/json", '{"text": 5}'),
-    "bare JSON number": ("application/json", "5"),
-    "invalid JSON": ("application/json", '{"text": '),
-    "form without Content-Type (curl -d)": ("application/x-www-form-urlencoded", "Stopped back by Mellow Mushroom"),
-    "empty octet-stream": ("application/octet-stream", b""),
-}
+BAD = {name: (ctype, body) for name, (ctype, body, _) in BAD_REQUESTS.items()}
 
 
 @pytest.fixture(scope="module")
 def model_dir(untrained_model_workdir):
-    return untrained_model_workdir / "torch_model"
+    return WorkDir(untrained_model_workdir).model
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +62,11 @@ def test_mixed_batch_answers_every_request_in_order(handler, model_dir):
     assert all(context.get_response_content_type(i) == "application/json" for i in range(len(bodies)))
 
 
-@pytest.mark.parametrize("name", list(BAD))
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
 def test_each_bad_input_is_a_400_and_the_next_request_works(handler, model_dir, name):
     out, statuses, context = run_batch(handler, [BAD[name]])
     assert statuses == [400] and set(out[0]) == {"error"}
+    assert re.search(BAD_REQUESTS[name][2], out[0]["error"]), out[0]["error"]
     assert context.get_response_status(0)[1] == out[0]["error"]  # the reason phrase says the same
     out, statuses, _ = run_batch(handler, [("text/plain", "Great food.")])
     assert statuses == [200] and out[0]["label"] in LABEL_NAMES
@@ -140,7 +136,7 @@ def test_missing_index_to_name_falls_back_to_config(model_dir, tmp_path, caplog)
 def test_logs_sizes_never_text(handler, model_dir, caplog):
     secret = "Zanzibar-unique-review-text"
     with caplog.at_level(logging.DEBUG):
-        run_batch(handler, [("text/plain", secret), ("application/json", f'{{"text": "{secret}"}}'), BAD["whitespace"]])
+        run_batch(handler, [("text/plain", secret), ("application/json", f'{{"text": "{secret}"}}'), BAD["whitespace only"]])
     assert "Batch of 3: 2 answered, 0 explained, 1 rejected" in caplog.text
     assert secret not in caplog.text
 
@@ -150,77 +146,44 @@ def test_unknown_setting_is_refused(model_dir):
         TransformersClassifierHandler().initialize(local_context(model_dir, handler_settings={"max_len": 16}))
 
 
-def test_handler_file_follows_torchserve_rules():
-    tree = ast.parse(HANDLER_FILE.read_text())
+def _imports(path):
+    tree = ast.parse(Path(path).read_text())
+    found = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return tree, found | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+
+def test_handler_and_model_files_follow_torchserve_rules():
+    "One class in the handler file, no module-level `handle`, and only imports a worker has: the MAR carries both files."
+    tree, imported = _imports(HANDLER_FILE)
     classes = [n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
     assert classes == ["TransformersClassifierHandler"], "TorchServe refuses a handler file with more than one class"
     assert "handle" not in [n.name for n in tree.body if isinstance(n, ast.FunctionDef)], \
         "a module-level `handle` would replace the class as TorchServe's entry point"
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level], "no relative imports"
-    assert imported <= set(sys.stdlib_module_names) | {"torch", "transformers", "ts", "openvino", "captum"}, imported
+    worker_has = set(sys.stdlib_module_names) | {"torch", "transformers", "ts", "openvino", "captum"}
+    assert imported <= worker_has | {"model", "yelp_ts"}, imported
+    _, model_imports = _imports(MODEL_FILE)
+    assert model_imports <= worker_has, f"model.py must import nothing a worker lacks: {model_imports - worker_has}"
     functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     assert not functions & {"local_context", "local_batch", "run_batch"}, "test helpers must stay out of the MAR"
+    methods = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert {"initialize", "preprocess", "inference", "postprocess"} <= methods
 
 
+def test_handler_file_is_short():
+    "The handler is TorchServe's four steps and the request reading they need; the model lives in model.py."
+    lines = HANDLER_FILE.read_text().splitlines()
+    assert len(lines) <= 180 and len([l for l in lines if l.strip() and not l.lstrip().startswith("#")]) <= 150
+
+
+@pytest.mark.notebook
 def test_notebook_runs(untrained_model_workdir, tmp_path):
     run_notebook("03_handler", tmp_path, workdir=str(untrained_model_workdir))
 
 
+@pytest.mark.notebook
 def test_worker_notebook_runs(untrained_model_workdir, tmp_path):
     run_notebook("03a_worker", tmp_path, workdir=str(untrained_model_workdir))
-
-
-# ---------------------------------------------------------------- precision and runtime
-@pytest.fixture
-def no_native_bf16(monkeypatch):
-    "This machine, as if its CPU had no native bf16 (oneDNN says so)."
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-
-
-def test_auto_precision_is_bf16_only_where_it_is_native(no_native_bf16, caplog):
-    from yelp_ts.handler import native_precision, resolve, runs_natively
-    from yelp_ts.training import training_args, training_precision
-    assert not runs_natively("bf16") and native_precision() == "fp32"
-    assert resolve("auto", "torch") == ("fp32", "torch") and training_precision("auto") == "fp32"
-    assert training_args("/tmp/unused", precision="auto").bf16 is False
-    with caplog.at_level(logging.WARNING):
-        assert resolve("bf16", "torch") == ("bf16", "torch")         # asked for explicitly: honoured, with a warning
-    assert "emulated" in caplog.text and "slower than fp32" in caplog.text
-
-
-def test_auto_precision_with_native_bf16(monkeypatch):
-    from yelp_ts.handler import native_precision
-    from yelp_ts.training import training_args
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert native_precision() == "bf16" and training_args("/tmp/unused", precision="auto").bf16 is True
-
-
-def test_auto_runtime(monkeypatch):
-    import importlib.util
-    from yelp_ts.handler import resolve
-    assert resolve("fp32", "auto")[1] == ("openvino" if importlib.util.find_spec("openvino") else "torch")
-    with pytest.raises(ValueError, match="CPU only"):
-        resolve("fp32", "openvino", device="cuda")
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
-    assert resolve("fp32", "auto")[1] == "torch"
-    with pytest.raises(ValueError, match="pip install openvino"):
-        resolve("fp32", "openvino")
-
-
-@pytest.mark.parametrize("precision, runtime", [("bf16", "torch"), ("fp32", "openvino"), ("bf16", "openvino")])
-def test_load_model_in_each_precision_and_runtime(model_dir, precision, runtime):
-    "Structure, and answers close to fp32 on torch (parity itself is checked on a trained model in test_archive)."
-    pytest.importorskip("openvino") if runtime == "openvino" else None
-    reference, loaded = load_model(model_dir), load_model(model_dir, precision=precision, runtime=runtime)
-    assert (loaded.precision, loaded.runtime, loaded.labels, loaded.max_length) == (precision, runtime, LABEL_NAMES, MAX_LENGTH)
-    assert loaded.in_force in ("fp32", "bf16")              # what really runs (OpenVINO may decide for itself)
-    probs = probabilities(loaded, GOOD)
-    assert probs.dtype == torch.float32 and probs.shape == (len(GOOD), 5)
-    assert torch.allclose(probs.sum(-1), torch.ones(len(GOOD)), atol=1e-5)
-    assert (probs - probabilities(reference, GOOD)).abs().max() < 0.05
 
 
 def test_handler_serves_the_precision_and_runtime_of_its_settings(model_dir, caplog):

@@ -1,14 +1,16 @@
 """The first notebooks (core, data, sample, concepts) run top to bottom under papermill, in a temporary work directory."""
 import json
 
+import pytest
+
 import pandas as pd
 
 from conftest import SMALL_DATA, run_notebook
-from yelp_ts.data import data_dir
+from yelp_ts.core import WorkDir
 
 
 def test_data_notebook_writes_the_csvs(data_workdir):
-    out = data_dir(data_workdir)
+    out = WorkDir(data_workdir).data
     train, validation = pd.read_csv(out / "train.csv"), pd.read_csv(out / "validation.csv")
     assert (len(train), len(validation)) == (SMALL_DATA["n_train"], SMALL_DATA["n_eval"])
     for df in (train, validation):
@@ -28,6 +30,7 @@ def test_data_notebook_shows_baseline_and_lengths(data_workdir):
     assert any("'accuracy'" in "".join(o.get("data", {}).get("text/plain", "")) for o in outputs), "the baseline is missing"
 
 
+@pytest.mark.notebook
 def test_concepts_notebook_runs(tmp_path):
     executed = run_notebook("01_concepts", tmp_path / "executed", workdir=str(tmp_path))
     nb = json.loads(executed.read_text())
@@ -37,8 +40,14 @@ def test_concepts_notebook_runs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["executed"]   # it writes nothing
 
 
-def test_core_and_sample_notebooks_run(tmp_path):
+def test_core_and_settings_notebooks_run(tmp_path):
+    "The two notebooks of facts and declarations run in seconds: the fast tier runs them."
     run_notebook("00_core", tmp_path / "executed")
+    run_notebook("00b_settings", tmp_path / "executed")
+
+
+@pytest.mark.notebook
+def test_sample_notebook_runs(tmp_path):
     executed = run_notebook("00a_sample", tmp_path / "executed", seed=7)
     nb = json.loads(executed.read_text())
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]

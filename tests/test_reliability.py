@@ -30,8 +30,10 @@ from conftest import link_model
 from yelp_ts import serving
 from yelp_ts.archive import build_archive
 from yelp_ts.client import Client, read_keys
-from yelp_ts.core import LABEL_NAMES, YelpTsError, model_dir
-from yelp_ts.handler import load_model, probabilities
+from yelp_ts.core import LABEL_NAMES, YelpTsError, WorkDir
+from yelp_ts.model import load_model, probabilities
+from yelp_ts.settings import Serving
+from yelp_ts.worker import BAD_REQUESTS
 
 TOLERANCE = 1e-4            # server vs in-process probabilities (both rounded to 6 decimals; padding differs)
 YELP_TS = Path(sys.executable).parent / "yelp-ts"
@@ -91,7 +93,7 @@ def _rss_mb(pid):
 
 def _processes_of(wd):
     "Live processes whose command line names `wd`'s torch_model (java frontend, workers)."
-    needle, out = str(model_dir(wd).resolve()), []
+    needle, out = str(WorkDir(wd).model.resolve()), []
     for p in psutil.process_iter(["cmdline", "status"]):
         try:
             if p.info["status"] != psutil.STATUS_ZOMBIE and needle in " ".join(p.info["cmdline"] or []): out.append(p.pid)
@@ -102,7 +104,7 @@ def _processes_of(wd):
 @pytest.fixture(scope="module")
 def reference(untrained_model_workdir):
     "probs(texts) -> in-process probabilities (the handler's own model path), computed once per text."
-    loaded = load_model(model_dir(untrained_model_workdir))
+    loaded = load_model(WorkDir(untrained_model_workdir).model)
     cache = {}
     def probs(texts):
         todo = [t for t in dict.fromkeys(texts) if t not in cache]
@@ -117,7 +119,7 @@ def reference(untrained_model_workdir):
 def server(untrained_model_workdir, tmp_path_factory):
     "TorchServe with 2 workers x 1 torch thread, batch 8 (a worker survives the other's kill); stopped and checked for leftovers."
     wd = link_model(untrained_model_workdir, tmp_path_factory.mktemp("wd_reliability"))
-    build_archive(wd, batch_size=8, max_batch_delay=20, workers=2, torch_threads=1, precision="fp32", runtime="torch")
+    build_archive(wd, precision="fp32", runtime="torch", serving=Serving(batch_size=8, max_batch_delay=20, workers=2, torch_threads=1))
     state = {"wd": wd, "keys": set()}
     try:
         state["info"] = serving.serve(wd, **_ports(), timeout=240, progress=False)
@@ -239,15 +241,15 @@ def _corrupt(mar, dst, how):
 @pytest.mark.parametrize("how", ["zeroed bytes", "no manifest"])
 def test_corrupt_mar_fails_before_java_starts(server, tmp_path, how):
     "A damaged archive is caught by its CRCs/manifest before TorchServe starts: a clear message, no process."
-    _corrupt(model_dir(server["wd"]) / "model_store" / "yelp.mar", model_dir(tmp_path) / "model_store" / "yelp.mar", how)
+    _corrupt(WorkDir(server["wd"]).model / "model_store" / "yelp.mar", WorkDir(tmp_path).model / "model_store" / "yelp.mar", how)
     with pytest.raises(YelpTsError, match=r"corrupt or truncated.*yelp-ts archive"):
         serving.serve(tmp_path, **_ports(), progress=False)
-    assert not (model_dir(tmp_path) / "server.json").exists() and _processes_of(tmp_path) == []
+    assert not (WorkDir(tmp_path).model / "server.json").exists() and _processes_of(tmp_path) == []
 
 
 def test_mar_with_unloadable_model_fails_fast_and_leaves_no_server(server, tmp_path):
     "An intact zip whose model file is garbage gets past the checks: TorchServe starts, the worker fails to load it."
-    _corrupt(model_dir(server["wd"]) / "model_store" / "yelp.mar", model_dir(tmp_path) / "model_store" / "yelp.mar",
+    _corrupt(WorkDir(server["wd"]).model / "model_store" / "yelp.mar", WorkDir(tmp_path).model / "model_store" / "yelp.mar",
              "garbage model file")
     t = time.monotonic()
     with pytest.raises(YelpTsError, match=r"did not come up: the model (did not load|'s worker keeps dying)") as e:
@@ -291,7 +293,7 @@ def _listening(pid):
 
 def test_every_listening_socket_is_loopback_metrics_included(server):
     wd, info = server["wd"], server["info"]
-    conf = dict(line.split("=", 1) for line in (model_dir(wd) / "config.properties").read_text().splitlines()
+    conf = dict(line.split("=", 1) for line in (WorkDir(wd).model / "config.properties").read_text().splitlines()
                 if "=" in line and not line.startswith("#"))
     assert conf["metrics_address"] == f"http://127.0.0.1:{info['ports']['metrics']}"
     conns = _listening(info["pid"])
@@ -326,7 +328,7 @@ def test_every_api_route_refuses_missing_or_wrong_key(server):
 
 def test_model_registration_refused_even_with_management_key(server):
     wd, info = server["wd"], server["info"]
-    store = model_dir(wd).resolve() / "model_store"
+    store = WorkDir(wd).model.resolve() / "model_store"
     for url in ("yelp.mar", f"file://{store}/yelp.mar", f"http://127.0.0.1:{info['ports']['inference']}/x.mar"):
         r = requests.post(f"http://127.0.0.1:{info['ports']['management']}/models",
                           params={"url": url, "model_name": "intruder"}, headers={"Authorization": f"Bearer {_key(wd, 'management')}"}, timeout=30)
@@ -339,7 +341,7 @@ def test_server_logs_never_contain_request_text(server):
     "Reviews are user data: the handler logs sizes and timings, never the text (checked in the real server logs)."
     wd, url = server["wd"], _url(server)
     marker = f"Quokka{random.randrange(10**9)}Marmalade"
-    key, logs = _key(wd), model_dir(wd) / "logs"
+    key, logs = _key(wd), WorkDir(wd).model / "logs"
     requests_before, batches_before = _access_lines(logs), _batched_requests(logs)
     assert _post(url, f"The {marker} was great.".encode(), key).status_code == 200
     assert _post(url, json.dumps({"text": f"{marker} again"}), key, "application/json").status_code == 200
@@ -374,16 +376,7 @@ def _batched_requests(logs):
 
 
 # ---------------------------------------------------------------- bad input in one concurrent burst, 1 MB review
-BAD_KINDS = {  # body, content type, what the message must say
-    "empty body": (b"", "text/plain", r"empty|No review text"),
-    "whitespace only": (b"  \n\t  ", "text/plain", r"empty"),
-    "invalid UTF-8": (b"\xff\xfe caf\xe9 au lait", "application/octet-stream", r"not valid UTF-8"),
-    "invalid JSON": (b'{"text": "unfinished', "application/json", r"not valid JSON"),
-    "JSON not an object": (b'["a", "b"]', "application/json", r"must be an object.*an array"),
-    "JSON without text": (b'{"review": "good"}', "application/json", r'no "text" key'),
-    "number instead of text": (b'{"text": 5}', "application/json", r'"text" must be a string, got a number'),
-    "form-encoded": (b"great food", "application/x-www-form-urlencoded", r"No review text.*curl -d"),
-}
+BAD_KINDS = {name: (body, ctype, says) for name, (ctype, body, says) in BAD_REQUESTS.items()}   # body, type, message
 
 
 def test_500_mixed_good_and_bad_requests_in_one_burst(server, reference):
@@ -475,7 +468,7 @@ def _log_time(line):
 
 def _first_answer_of(wd, port, pid, since):
     "Time of the first batch answered by the worker process `pid` on worker port `port`, from model_log.log."
-    log = model_dir(wd) / "logs" / "model_log.log"
+    log = WorkDir(wd).model / "logs" / "model_log.log"
     lines = log.read_text(errors="replace").splitlines()
     start = next((i for i, l in enumerate(lines) if f"W-{port}-" in l and f"MODEL_LOG - [PID]{pid}" in l), None)
     if start is None: return None
@@ -505,7 +498,8 @@ def _replacement(wd, port, old_pid, timeout=60):
 
 
 @pytest.mark.slow
-def test_worker_killed_during_load_recovers_and_predict_answers_every_text(server, reference):
+def test_worker_killed_during_load_recovers_and_predict_answers_every_text(own_server, reference):
+    server = own_server
     wd, url = server["wd"], _url(server)
     started = time.monotonic()
     # 1. a raw load (one key, no retries) from 4 clients; kill a worker once 20 answers are in; keep the load on
@@ -538,7 +532,7 @@ def test_worker_killed_during_load_recovers_and_predict_answers_every_text(serve
 
     # 2. Client.predict (bounded retries with backoff) during a second kill: an answer for every text
     texts = reviews(160, seed=160, prefix="Retry")
-    out, logs = {}, model_dir(wd) / "logs"
+    out, logs = {}, WorkDir(wd).model / "logs"
     sent_before = _access_lines(logs)
     thread = threading.Thread(target=lambda: out.update(answers=Client.from_workdir(wd).predict(texts)), daemon=True)
     thread.start()
@@ -555,8 +549,24 @@ def test_worker_killed_during_load_recovers_and_predict_answers_every_text(serve
 
 
 # ---------------------------------------------------------------- restart, and the keys after all that traffic
-def test_restart_same_model_fresh_key_client_follows(server, reference):
-    "Runs last: stop and serve again in the same work directory on the same ports."
+@pytest.fixture
+def own_server(server, tmp_path):
+    "A server of its own (the module server's archive: 2 workers), for a test that kills or restarts it; its state dict."
+    wd = tmp_path / "own"
+    WorkDir(wd).model_store.mkdir(parents=True)
+    os.symlink(WorkDir(server["wd"]).mar(), WorkDir(wd).mar())
+    state = {"wd": wd, "keys": set()}
+    try:
+        state["info"] = serving.serve(wd, **_ports(), timeout=240, progress=False)
+        yield state
+    finally:
+        serving.stop(wd)
+    assert _processes_of(wd) == [], "TorchServe processes left behind"
+
+
+def test_restart_same_model_fresh_key_client_follows(own_server, reference):
+    "Stop and serve again in the same work directory on the same ports: a new key, the same answers."
+    server = own_server
     wd, info = server["wd"], server["info"]
     texts = reviews(8, seed=8, prefix="Restart")
     client = Client.from_workdir(wd)
@@ -577,7 +587,7 @@ def test_restart_same_model_fresh_key_client_follows(server, reference):
 def test_key_file_private_and_no_key_in_any_log(server):
     "After a key renewal and traffic with old and new keys: key file 0600, and none of the keys issued in logs/."
     wd = server["wd"]
-    d = model_dir(wd)
+    d = WorkDir(wd).model
     old = _key(wd)
     r = requests.get(f"http://127.0.0.1:{server['info']['ports']['management']}/token", params={"type": "inference"},
                      headers={"Authorization": f"Bearer {_key(wd, 'API')}"}, timeout=30)

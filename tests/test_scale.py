@@ -1,6 +1,8 @@
 """Beyond one machine: a training process that dies, and the scale notebook under papermill (every step at two
 sizes; training in two processes with torchrun, gloo, one thread each, compared with one process)."""
 import json
+
+import pytest
 import threading
 import time
 
@@ -8,7 +10,7 @@ import psutil
 
 from conftest import run_notebook
 from yelp_ts import data, training
-from yelp_ts.core import TrainingError, model_dir
+from yelp_ts.core import TrainingError, WorkDir
 
 
 def _training_workers():
@@ -16,6 +18,7 @@ def _training_workers():
             and "torch.distributed.run" not in " ".join(p.info["cmdline"] or [])]
 
 
+@pytest.mark.training
 def test_a_process_that_dies_takes_the_run_down_with_a_clear_error(tmp_path):
     data.make_data(tmp_path, "sample", n_train=400, n_eval=20)
     outcome = {}
@@ -34,6 +37,7 @@ def test_a_process_that_dies_takes_the_run_down_with_a_clear_error(tmp_path):
     assert _training_workers() == []
 
 
+@pytest.mark.notebook
 def test_scale_notebook_runs(trained_workdir, tmp_path):
     """Every step at two sizes; training in one process, in two (torchrun: accuracy within the noise, the same loss,
     the model serves) and from the notebook (Accelerate); only the first process wrote the model and its records."""
@@ -41,7 +45,7 @@ def test_scale_notebook_runs(trained_workdir, tmp_path):
                  sizes=[200, 600], n_train=128, n_eval=60, epochs=1)
     for run in ("two", "launcher"):
         wd = tmp_path / "wd" / "processes" / run
-        two = json.loads((model_dir(wd) / "metrics.json").read_text())
+        two = json.loads((WorkDir(wd).model / "metrics.json").read_text())
         assert (two["world_size"], two["batch_size"], two["per_device_batch_size"]) == (2, 8, 4)
-        assert {"model.safetensors", "metrics.json", "log_history.json", "index_to_name.json"} <= {p.name for p in model_dir(wd).iterdir()}
+        assert {"model.safetensors", "metrics.json", "log_history.json", "index_to_name.json"} <= {p.name for p in WorkDir(wd).model.iterdir()}
         assert not [p for p in wd.iterdir() if p.name.startswith(".trainer-")]

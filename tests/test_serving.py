@@ -11,13 +11,15 @@ import psutil
 import pytest
 import requests
 
-from conftest import run_notebook
+from conftest import link_model, run_notebook
 from yelp_ts import serving
-from yelp_ts.archive import build_archive
+from yelp_ts.archive import archiver, build_archive
 from yelp_ts.client import Client, read_keys
-from yelp_ts.core import LABEL_NAMES, METRICS_FILE, MODEL_FILES, TOKENIZER_EXTRAS, YelpTsError, model_dir
+from yelp_ts.core import LABEL_NAMES, METRICS_FILE, MODEL_FILES, TOKENIZER_EXTRAS, ServerError, YelpTsError, WorkDir
 from yelp_ts.demo import demo_predict
-from yelp_ts.handler import load_model, probabilities
+from yelp_ts.model import load_model, probabilities
+from yelp_ts.settings import Serving
+from yelp_ts.worker import BAD_REQUESTS
 # 16 distinguishable reviews: different wording and sentiment, so each has its own probabilities
 REVIEWS = [
     "Absolutely wonderful dinner, the pasta was perfect and the staff were lovely.",
@@ -41,7 +43,7 @@ REVIEWS = [
 
 def _copy_model(src_wd, dst_wd):
     "Copy the trained model files (not the archive, not a running server's files) into a fresh work directory."
-    src, dst = model_dir(src_wd), model_dir(dst_wd)
+    src, dst = WorkDir(src_wd).model, WorkDir(dst_wd).model
     dst.mkdir(parents=True, exist_ok=True)
     for f in MODEL_FILES + TOKENIZER_EXTRAS + (METRICS_FILE,):
         if (src / f).is_file(): shutil.copy2(src / f, dst / f)
@@ -67,7 +69,7 @@ def _alive(procs):
 def served(trained_workdir, tmp_path_factory):
     "A running TorchServe (batch size 4, one worker) on free ports, in its own work directory; always stopped."
     wd = _copy_model(trained_workdir, tmp_path_factory.mktemp("wd_serving"))
-    build_archive(wd, batch_size=4, max_batch_delay=100, workers=1, torch_threads=1, precision="fp32", runtime="torch")
+    build_archive(wd, precision="fp32", runtime="torch", serving=Serving(batch_size=4, max_batch_delay=100, torch_threads=1))
     try:
         info = serving.serve(wd, **serving.free_ports(), timeout=240, progress=False)
         yield wd, info
@@ -78,7 +80,7 @@ def served(trained_workdir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(served):
     "In-process probabilities (the handler's own model path, one review at a time) for every review in REVIEWS."
-    loaded = load_model(model_dir(served[0]))
+    loaded = load_model(WorkDir(served[0]).model)
     return {t: probabilities(loaded, [t])[0].tolist() for t in REVIEWS}
 
 
@@ -157,7 +159,7 @@ def test_requests_without_or_with_wrong_key_are_refused(served, client):
 
 def test_key_file_private_and_never_logged(served):
     wd, _ = served
-    d = model_dir(wd)
+    d = WorkDir(wd).model
     assert (d / "key_file.json").stat().st_mode & 0o777 == 0o600
     keys = [entry["key"] for entry in read_keys(wd).values()]
     for f in list((d / "logs").glob("*")) + [d / "server.json", d / "config.properties"]:
@@ -167,7 +169,7 @@ def test_key_file_private_and_never_logged(served):
 
 def test_config_is_loopback_only_with_model_api_off(served):
     wd, info = served
-    conf = (model_dir(wd) / "config.properties").read_text()
+    conf = (WorkDir(wd).model / "config.properties").read_text()
     for line in conf.splitlines():
         if "_address=" in line: assert "127.0.0.1" in line, line
     assert "enable_model_api=false" in conf and "disable_token_authorization=false" in conf
@@ -177,24 +179,13 @@ def test_config_is_loopback_only_with_model_api_off(served):
     assert r.status_code == 405          # registering models over HTTP is disabled
 
 
-BAD_INPUTS = {
-    "empty body": (b"", "text/plain"),
-    "whitespace only": (b"   \n\t ", "text/plain"),
-    "invalid UTF-8": (b"\xff\xfe\xfa broken", "application/octet-stream"),
-    "JSON not an object": (b"[1, 2, 3]", "application/json"),
-    "JSON without text": (b'{"review": "good"}', "application/json"),
-    "number instead of text": (b'{"text": 5}', "application/json"),
-    "form-encoded (curl -d without Content-Type)": (b"great food", "application/x-www-form-urlencoded"),
-}
-
-
-@pytest.mark.parametrize("name", BAD_INPUTS)
+@pytest.mark.parametrize("name", BAD_REQUESTS)
 def test_bad_input_gets_400_json_and_next_good_request_works(served, client, name):
     wd, info = served
-    body, ctype = BAD_INPUTS[name]
+    ctype, body, says = BAD_REQUESTS[name]
     r = _post(info, body, ctype, client.keys["inference"])
     assert r.status_code == 400, (name, r.status_code, r.text)
-    assert r.json().get("error"), r.text
+    assert re.search(says, r.json().get("error", "")), r.text
     _check_answer(client.predict("The soup was great.")[0])
 
 
@@ -230,6 +221,7 @@ def test_status_and_demo_predict(served, client):
     assert len(fig.axes[0].patches) == 5
 
 
+@pytest.mark.notebook
 def test_client_and_demo_notebooks_against_the_running_server(served, tmp_path):
     wd, info = served
     run_notebook("05a_client", tmp_path, workdir=str(wd))    # its last cell checks a prediction of this server
@@ -252,12 +244,22 @@ def test_serve_twice_in_same_workdir_is_a_clear_error(served):
     assert serving.status(wd)["pid"] == info["pid"]
 
 
-def test_predict_survives_a_killed_worker(served, client, reference):
+@pytest.fixture
+def own_server(served, tmp_path):
+    "A server of its own, for a test that kills or restarts it: the module's archive, in a work directory of its own."
+    w = WorkDir(tmp_path / "own")
+    w.model_store.mkdir(parents=True)
+    os.symlink(WorkDir(served[0]).mar(), w.mar())
+    try: yield w, serving.serve(w, **serving.free_ports(), timeout=240, progress=False)
+    finally: serving.stop(w)
+
+
+def test_predict_survives_a_killed_worker(own_server, reference):
     "Kill the model worker: TorchServe restarts it and the client's retries turn that into the right answers."
-    wd, info = served
+    wd, info = own_server
     [worker] = psutil.Process(info["pid"]).children()
     worker.kill()
-    answers = client.predict(REVIEWS[:4])
+    answers = Client.from_workdir(wd).predict(REVIEWS[:4])
     for text, a in zip(REVIEWS[:4], answers):
         assert max(abs(a["probabilities"][n] - p) for n, p in zip(LABEL_NAMES, reference[text])) < 1e-4
 
@@ -278,17 +280,17 @@ def test_missing_archive_says_run_archive(empty_workdir):
 
 
 def test_corrupt_or_truncated_archive_is_a_clear_error(served, empty_workdir):
-    mar = model_dir(served[0]) / "model_store" / "yelp.mar"
-    store = model_dir(empty_workdir) / "model_store"; store.mkdir(parents=True)
+    mar = WorkDir(served[0]).model / "model_store" / "yelp.mar"
+    store = WorkDir(empty_workdir).model / "model_store"; store.mkdir(parents=True)
     (store / "yelp.mar").write_bytes(mar.read_bytes()[: 1 << 20])      # the first MB of a real archive
     with pytest.raises(YelpTsError, match="corrupt or truncated.*yelp-ts archive"):
         serving.serve(empty_workdir, **serving.free_ports())
-    assert not (model_dir(empty_workdir) / "server.json").exists()
+    assert not (WorkDir(empty_workdir).model / "server.json").exists()
 
 
 def test_port_in_use_names_port_and_flag(served, empty_workdir):
-    store = model_dir(empty_workdir) / "model_store"; store.mkdir(parents=True)
-    os.symlink(model_dir(served[0]) / "model_store" / "yelp.mar", store / "yelp.mar")
+    store = WorkDir(empty_workdir).model / "model_store"; store.mkdir(parents=True)
+    os.symlink(WorkDir(served[0]).model / "model_store" / "yelp.mar", store / "yelp.mar")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); s.listen(); taken = s.getsockname()[1]
         with pytest.raises(YelpTsError, match=f"port {taken} .*--management-port"):
@@ -306,9 +308,9 @@ def test_java_missing_says_how_to_install(served, empty_workdir, monkeypatch):
 
 def test_served_explanations_equal_in_process_ones(served, client):
     "POST /explanations/yelp (JSON with a target, and plain text) answers what `explain` computes in-process."
-    from yelp_ts.handler import explain
+    from yelp_ts.model import explain
     served_why = client.explain(REVIEWS[:2], target=2) + client.explain([REVIEWS[2]])
-    loaded = load_model(model_dir(served[0]))
+    loaded = load_model(WorkDir(served[0]).model)
     local = explain(loaded, REVIEWS[:2], [1, 1]) + explain(loaded, [REVIEWS[2]])
     for s, l in zip(served_why, local):
         assert (s["target"], s["label"], [w["word"] for w in s["words"]]) == (l["target"], l["label"], [w["word"] for w in l["words"]])
@@ -317,14 +319,14 @@ def test_served_explanations_equal_in_process_ones(served, client):
         client.explain(REVIEWS[0], target=0)
 
 
-def test_restart_gives_new_key_client_follows_and_stop_leaves_no_process(served):
-    "Runs last in this module: stop (no process left), restart in the same work directory, stop again."
-    wd, info = served
+def test_restart_gives_new_key_client_follows_and_stop_leaves_no_process(own_server):
+    "Stop (no process left), restart in the same work directory on the same ports, stop again."
+    wd, info = own_server
     old_key, procs = read_keys(wd)["inference"]["key"], _procs(info["pid"])
     assert len(procs) >= 2                                   # java + its worker
     assert serving.stop(wd) is True
     assert _alive(procs) == []
-    assert not (model_dir(wd) / "server.json").exists() and not (model_dir(wd) / "key_file.json").exists()
+    assert not (WorkDir(wd).model / "server.json").exists() and not (WorkDir(wd).model / "key_file.json").exists()
     assert serving.stop(wd) is False
 
     info2 = serving.serve(wd, **{f"{k}_port": info["ports"][k] for k in ("inference", "management", "metrics")},
@@ -340,13 +342,102 @@ def test_restart_gives_new_key_client_follows_and_stop_leaves_no_process(served)
     assert _alive(procs) == []
 
 
+@pytest.mark.notebook
 def test_serving_notebook_runs(trained_workdir, tmp_path):
     "The serving notebook under papermill on free ports: it starts, predicts and stops."
     wd = _copy_model(trained_workdir, tmp_path / "wd")
     out = run_notebook("05_serving", tmp_path / "executed", workdir=str(wd), **serving.free_ports(), timeout=240, stop_at_end=True)
     assert serving.status(wd)["running"] is False
-    assert not (model_dir(wd) / "server.json").exists()
+    assert not (WorkDir(wd).model / "server.json").exists()
     text = out.read_text()
     assert "Bearer $KEY" in text                          # the article's curl, shown with the header
     assert not re.findall(r"Bearer\s+(?!\$KEY)[A-Za-z0-9_\-]{6,}", text)   # and no real key in the outputs
 
+
+# ---------------------------------------------------------------- what `serve` and `stop` must cope with
+BROKEN_HANDLER = """from ts.torch_handler.base_handler import BaseHandler
+
+class Broken(BaseHandler):
+    def initialize(self, context): self.initialized = True
+    def handle(self, data, context): raise RuntimeError("this handler fails every request, on purpose")
+"""
+
+
+@pytest.mark.torchserve
+def test_serve_fails_within_a_minute_with_the_workers_error_when_every_answer_is_an_error(tmp_path):
+    "A handler that loads but answers every request with an error: `serve` says so, quoting the worker, and stops it."
+    import subprocess, time
+    w = WorkDir(tmp_path / "wd")
+    w.model_store.mkdir(parents=True)
+    (tmp_path / "broken.py").write_text(BROKEN_HANDLER)
+    subprocess.run([archiver(), "--model-name", "yelp", "--version", "1.0", "--handler", str(tmp_path / "broken.py"),
+                    "--export-path", str(w.model_store)], check=True, capture_output=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    start = time.monotonic()
+    with pytest.raises(ServerError, match="answers with an error.*this handler fails every request, on purpose"):
+        serving.serve(w, **serving.free_ports(), timeout=300, progress=False)
+    assert time.monotonic() - start < 60
+    assert serving.status(w)["running"] is False and not w.file("server.json").exists()
+
+
+def test_stop_copes_with_a_server_that_exits_between_its_two_looks(tmp_path, monkeypatch):
+    "The record says a server runs, but by the time `stop` looks at its process it is gone: nothing to stop, no error."
+    import subprocess
+    w = WorkDir(tmp_path)
+    w.tmp.mkdir(parents=True)
+    gone = subprocess.Popen(["true"]); gone.wait()                         # a pid that has exited
+    for f in ("server.json", "key_file.json"): w.file(f).write_text("{}")
+    w.pid_file.write_text(str(gone.pid))
+    monkeypatch.setattr(serving, "server_info", lambda workdir: {"pid": gone.pid, "ports": {}})   # alive at the first look
+    assert serving.stop(w) is False
+    assert not w.file("server.json").exists() and not w.file("key_file.json").exists() and not w.pid_file.exists()
+
+
+# ---------------------------------------------------------------- explanations explain what was served
+@pytest.fixture(scope="module")
+def served_bf16(tied_model_workdir, tmp_path_factory):
+    "The tied model (1 and 2 stars within bf16's rounding) served in bf16 on torch, with its validation reviews."
+    from yelp_ts.data import make_data
+    wd = link_model(tied_model_workdir, tmp_path_factory.mktemp("wd_bf16"))
+    make_data(wd, "sample", n_train=10, n_eval=40)
+    build_archive(wd, precision="bf16", runtime="torch", serving=Serving(explain_steps=2, explain_batch=2))
+    try: yield wd, serving.serve(wd, **serving.free_ports(), timeout=240, progress=False)
+    finally: serving.stop(wd)
+
+
+@pytest.mark.torchserve
+def test_explanations_give_the_stars_predictions_give_when_serving_bf16(served_bf16):
+    "/explanations explains the class /predictions answers, for every validation review, though fp32 would differ."
+    import pandas as pd
+    wd, _ = served_bf16
+    texts = pd.read_csv(WorkDir(wd).split("validation"))["text"].tolist()
+    client = Client.from_workdir(wd)
+    predicted = [a["stars"] for a in client.predict(texts)]
+    explained = client.explain(texts)
+    assert [e["stars"] for e in explained] == predicted and [e["target"] for e in explained] == predicted
+    fp32 = (probabilities(load_model(WorkDir(wd).model), texts).argmax(-1) + 1).tolist()
+    assert fp32 != predicted, "fp32 serves the same stars here: the test could not tell"
+
+
+@pytest.mark.torchserve
+def test_an_expired_key_is_renewed_by_the_client(served, tmp_path):
+    "Keys that last one minute: once the inference key has expired, the server refuses it and the client renews it."
+    import time
+    from datetime import datetime, timezone
+    w = WorkDir(tmp_path / "keys")
+    w.model_store.mkdir(parents=True)
+    os.symlink(WorkDir(served[0]).mar(), w.mar())
+    try:
+        serving.serve(w, **serving.free_ports(), key_minutes=1, timeout=240, progress=False)
+        client = Client.from_workdir(w)
+        _check_answer(client.predict(REVIEWS[0])[0])
+        expires = datetime.fromisoformat(read_keys(w)["inference"]["expiration time"].replace("Z", "+00:00"))
+        assert (expires - datetime.now(timezone.utc)).total_seconds() < 61          # the setting reached TorchServe
+        old = client.keys["inference"]
+        while datetime.now(timezone.utc) <= expires: time.sleep(min(1.0, (expires - datetime.now(timezone.utc)).total_seconds() + 0.05))
+        info = serving.server_info(w)
+        assert _post({"urls": {"inference": f"http://127.0.0.1:{info['ports']['inference']}/predictions/yelp"}},
+                     b"Expired.", "text/plain", old).status_code == 400                # the old key is refused now
+        _check_answer(client.predict(REVIEWS[1])[0])                                   # ... and renewed by the client
+        assert client.keys["inference"] != old
+    finally:
+        serving.stop(w)

@@ -6,14 +6,14 @@ from conftest import SMALL_DATA, SMALL_TRAIN
 from transformers import AutoTokenizer
 
 from yelp_ts import training
-from yelp_ts.core import LABEL_NAMES, YelpTsError, embedded_model_dir, model_dir
+from yelp_ts.core import LABEL_NAMES, YelpTsError, embedded_model_dir, WorkDir
 
 METRIC_KEYS = {"eval_accuracy", "eval_macro_f1", "train_samples_per_second", "baseline_accuracy",
                "baseline_macro_f1", "model", "data", "epochs", "max_length", "padding", "learning_rate"}
 
 
 def test_saved_model_files(trained_workdir):
-    out = model_dir(trained_workdir)
+    out = WorkDir(trained_workdir).model
     for name in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
                  "index_to_name.json", "metrics.json", "log_history.json"]:
         assert (out / name).is_file(), f"{name} missing from {out}"
@@ -25,7 +25,7 @@ def test_saved_model_files(trained_workdir):
 
 
 def test_metrics(trained_workdir):
-    metrics = json.loads((model_dir(trained_workdir) / "metrics.json").read_text())
+    metrics = json.loads((WorkDir(trained_workdir).model / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
     assert 0 <= metrics["eval_accuracy"] <= 1 and 0 <= metrics["eval_macro_f1"] <= 1
     assert metrics["train_samples_per_second"] > 0
@@ -35,20 +35,20 @@ def test_metrics(trained_workdir):
         assert metrics[key] == SMALL_TRAIN[key]
     assert metrics["data"]["source"] == "sample"
     assert (metrics["data"]["n_train"], metrics["data"]["n_eval"]) == (SMALL_DATA["n_train"], SMALL_DATA["n_eval"])
-    history = json.loads((model_dir(trained_workdir) / "log_history.json").read_text())
+    history = json.loads((WorkDir(trained_workdir).model / "log_history.json").read_text())
     assert [h for h in history if "loss" in h]
     assert len([h for h in history if "eval_accuracy" in h]) == int(SMALL_TRAIN["epochs"])  # one evaluation per epoch
 
 
 def test_saved_tokenizer_cuts_where_training_did(trained_workdir):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir(trained_workdir))
+    tokenizer = AutoTokenizer.from_pretrained(WorkDir(trained_workdir).model)
     assert tokenizer.model_max_length == SMALL_TRAIN["max_length"]
     assert len(tokenizer("word " * 1000, truncation=True)["input_ids"]) == SMALL_TRAIN["max_length"]
 
 
 def test_evaluate_the_saved_model_through_the_serving_path(trained_workdir):
     "The saved model, loaded by the handler's load_model, scores what the trainer measured on the same split."
-    metrics = json.loads((model_dir(trained_workdir) / "metrics.json").read_text())
+    metrics = json.loads((WorkDir(trained_workdir).model / "metrics.json").read_text())
     scores = training.evaluate(trained_workdir)
     assert abs(scores["accuracy"] - metrics["eval_accuracy"]) < 0.02, (scores["accuracy"], metrics["eval_accuracy"])
     assert len(scores["predicted"]) == len(scores["labels"]) == SMALL_DATA["n_eval"]

@@ -7,26 +7,27 @@ __all__ = ['read_keys', 'Client']
 
 # %% ../nbs/05a_client.ipynb #1664fdd1
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 import requests
-from requests.adapters import HTTPAdapter
 from fastcore.basics import patch
 
-from .core import (KEY_FILE, MODEL_NAME, BadInputError, KeyRefusedError, NotRunningError, ServerError,
-                          model_dir, read_server_record, shown)
+from .core import (KEY_FILE, MODEL_NAME, SERVER_FILE, BadInputError, KeyRefusedError, NotRunningError, ServerError,
+                          WorkDir, api_path, read_server_record)
 
 # %% ../nbs/05a_client.ipynb #51ccbf24
 def read_keys(workdir=".") -> dict:
     "The current keys of the server of `workdir`: {'inference': ..., 'management': ..., 'API': ...} with expiry times."
-    f = model_dir(workdir) / KEY_FILE
+    w = WorkDir(workdir)
+    f = w.file(KEY_FILE)
     if not f.exists():
-        raise NotRunningError(f"no {f}: TorchServe is not running for {shown(workdir)} (or token auth is off); "
-                              f"start it with `yelp-ts serve --workdir {shown(workdir)}`.")
+        raise NotRunningError(f"no {f}: TorchServe is not running for {w.shown} (or token auth is off); "
+                              f"start it with `yelp-ts serve --workdir {w.shown}`.")
     try: return json.loads(f.read_text())
     except ValueError:   # TorchServe is writing it right now
-        raise NotRunningError(f"{f} is being written: TorchServe for {shown(workdir)} is still starting.") from None
+        raise NotRunningError(f"{f} is being written: TorchServe for {w.shown} is still starting.") from None
     except PermissionError:
         raise KeyRefusedError(f"cannot read {f} (mode 0600): run this as the user who started the server.") from None
 
@@ -48,21 +49,26 @@ class Client:
         self.management_url = management_url and management_url.rstrip("/").partition("/models/")[0]
         self.keys = {"inference": key, "management": management_key}
         self.workdir, self.retries, self.request_timeout, self.max_parallel = workdir, retries, request_timeout, max_parallel
-        self.session = requests.Session()
-        self.session.mount("http://", HTTPAdapter(pool_connections=2, pool_maxsize=max_parallel))
+        self._local, self._key_lock = threading.local(), threading.Lock()
 
     @classmethod
     def from_workdir(cls, workdir=".", **kwargs):
         "The client of the server `yelp_ts.serving.serve` started for `workdir` (its ports, model name and keys)."
-        record = read_server_record(workdir)
+        w, record = WorkDir(workdir), read_server_record(workdir)
         if not record or not record.get("ports"):
-            raise NotRunningError(f"no TorchServe is running for {shown(workdir)} (no {model_dir(workdir) / 'server.json'}): "
-                                  f"start it with `yelp-ts serve --workdir {shown(workdir)}`.")
+            raise NotRunningError(f"no TorchServe is running for {w.shown} (no {w.file(SERVER_FILE)}): "
+                                  f"start it with `yelp-ts serve --workdir {w.shown}`.")
         keys, ports = read_keys(workdir), record["ports"]
         return cls(f"http://127.0.0.1:{ports['inference']}", keys["inference"]["key"], record["model_name"],
                    f"http://127.0.0.1:{ports['management']}", keys["management"]["key"], workdir=workdir, **kwargs)
 
-    def __repr__(self): return f"Client({self.url}/predictions/{self.model_name})"
+    @property
+    def session(self) -> requests.Session:
+        "This thread's HTTP session, made on its first request."
+        if not hasattr(self._local, "session"): self._local.session = requests.Session()
+        return self._local.session
+
+    def __repr__(self): return f"Client({self.url}{api_path(self.model_name)})"
 
 # %% ../nbs/05a_client.ipynb #e79e2c17
 @patch
@@ -70,32 +76,35 @@ def _request(self: Client, api, method, path, **kwargs):
     "One HTTP request to `api` ('inference' | 'management') with its key; a refused key is refreshed once."
     base = self.url if api == "inference" else self.management_url
     if base is None: raise BadInputError(f"this client has no {api} URL: pass `{api}_url` (or use Client.from_workdir).")
-    extra = kwargs.pop("headers", {})
+    extra, where = kwargs.pop("headers", {}), WorkDir(self.workdir or ".").shown
     for attempt in range(2):
         key = self.keys[api]
         headers = {**extra, **({"Authorization": f"Bearer {key}"} if key else {})}
         try: r = self.session.request(method, base + path, headers=headers, timeout=self.request_timeout, **kwargs)
         except requests.RequestException as e:
             raise NotRunningError(f"TorchServe does not answer at {base} ({type(e).__name__}): is it running? "
-                                  f"(`yelp-ts status --workdir {shown(self.workdir or '.')}`)") from e
+                                  f"(`yelp-ts status --workdir {where}`)") from e
         if not _refused_key(r): return r
         if attempt or not self._refresh_key(api, key): break
     raise KeyRefusedError(f"TorchServe refused the {api} key (InvalidKeyException): "
-                          + (f"restart the server with `yelp-ts stop` and `yelp-ts serve --workdir {shown(self.workdir)}`."
+                          + (f"restart the server with `yelp-ts stop` and `yelp-ts serve --workdir {where}`."
                              if self.workdir else "get a current key from the server's key_file.json and pass it to Client."))
 
+# %% ../nbs/05a_client.ipynb #40e1125c
 @patch
 def _refresh_key(self: Client, api, refused) -> bool:
     "After `refused` was refused: True when a different key for `api` is now at hand (re-read, or renewed)."
     if self.workdir is None: return False
-    keys = read_keys(self.workdir)
-    if keys[api]["key"] == refused and _expired(keys[api]) and self.management_url:
-        try: requests.get(f"{self.management_url}/token", params={"type": api}, timeout=self.request_timeout,
-                          headers={"Authorization": f"Bearer {keys['API']['key']}"}).raise_for_status()
-        except requests.RequestException: return False
+    with self._key_lock:
+        if self.keys[api] != refused: return True                     # another thread already has a new one
         keys = read_keys(self.workdir)
-    self.keys = {name: keys[name]["key"] for name in ("inference", "management")}
-    return self.keys[api] != refused
+        if keys[api]["key"] == refused and _expired(keys[api]) and self.management_url:
+            try: self.session.get(f"{self.management_url}/token", params={"type": api}, timeout=self.request_timeout,
+                                  headers={"Authorization": f"Bearer {keys['API']['key']}"}).raise_for_status()
+            except requests.RequestException: return False
+            keys = read_keys(self.workdir)
+        self.keys = {name: keys[name]["key"] for name in ("inference", "management")}
+        return self.keys[api] != refused
 
 # %% ../nbs/05a_client.ipynb #be2e20a4
 def _json(r, what):
@@ -116,7 +125,7 @@ def describe(self: Client) -> list:
 @patch
 def _post(self: Client, endpoint, body, content_type, backoff=0.5):
     "POST one request to /`endpoint`/NAME, with bounded retries for a lost or failed try; the answer's JSON."
-    path, last = f"/{endpoint}/{self.model_name}", None
+    path, last = api_path(self.model_name, endpoint), None
     for attempt in range(self.retries + 1):
         if attempt: time.sleep(min(backoff * 2 ** (attempt - 1), 8))
         try: r = self._request("inference", "POST", path, data=body, headers={"Content-Type": content_type})

@@ -12,26 +12,23 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
+from fastcore.basics import patch
+
 # %% auto #0
-__all__ = ['LABEL_NAMES', 'DATA_DIR', 'MODEL_DIR', 'MODEL_STORE', 'INDEX_TO_NAME', 'METRICS_FILE', 'MODEL_CONFIG', 'PARITY_FILE',
-           'RUN_FILE', 'SERVER_FILE', 'KEY_FILE', 'MODEL_FILES', 'TOKENIZER_EXTRAS', 'EMBEDDED_MODEL', 'DEFAULT_MODEL',
-           'EMBEDDED_SOURCE', 'N_TRAIN', 'N_EVAL', 'SEED', 'MAX_LENGTH', 'EPOCHS', 'LEARNING_RATE', 'BATCH_SIZE',
-           'PRECISION', 'RUNTIME', 'MODEL_NAME', 'MODEL_VERSION', 'PORTS', 'SERVE_TIMEOUT', 'PRESETS', 'DEFAULT_PRESET',
-           'ARTICLE_REVIEW', 'shown', 'data_dir', 'model_dir', 'mar_path', 'YelpTsError', 'MissingError',
-           'BadInputError', 'OfflineError', 'NotRunningError', 'KeyRefusedError', 'ServerError', 'ServerTimeoutError',
-           'TrainingError', 'read_server_record', 'check_model_dir', 'cpu_name', 'package_version',
-           'embedded_model_dir', 'hub_reachable', 'require_hub']
+__all__ = ['LABEL_NAMES', 'INDEX_TO_NAME', 'METRICS_FILE', 'MODEL_CONFIG', 'PARITY_FILE', 'RUN_FILE', 'SERVER_FILE', 'KEY_FILE',
+           'MODEL_FILES', 'TOKENIZER_EXTRAS', 'EMBEDDED_MODEL', 'DEFAULT_MODEL', 'EMBEDDED_SOURCE', 'SEED',
+           'MAX_LENGTH', 'MODEL_NAME', 'PORTS', 'STARS', 'ARTICLE_REVIEW', 'WorkDir', 'api_path', 'YelpTsError',
+           'MissingError', 'BadInputError', 'OfflineError', 'NotRunningError', 'KeyRefusedError', 'ServerError',
+           'ServerTimeoutError', 'TrainingError', 'read_server_record', 'check_model_dir', 'cpu_name',
+           'package_version', 'embedded_model_dir', 'hub_reachable', 'require_hub']
 
 # %% ../nbs/00_core.ipynb #b40177ec
 LABEL_NAMES = ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"]
 
 # %% ../nbs/00_core.ipynb #a1ada59c
-DATA_DIR = "data"                       # train.csv, validation.csv, info.json
-MODEL_DIR = "torch_model"               # the article's working folder: model, tokenizer, archive, server files
-MODEL_STORE = "model_store"             # in torch_model/: the MAR archives TorchServe loads
 INDEX_TO_NAME = "index_to_name.json"    # class index → label name, read by the handler
 METRICS_FILE = "metrics.json"           # how the model was trained and how well it scores
-MODEL_CONFIG = "model-config.yaml"      # TorchServe's per-model settings + the handler's section
+MODEL_CONFIG = "model-config.yaml"      # TorchServe's per-model settings + the handler's section (also its name in the MAR)
 PARITY_FILE = "parity.json"             # the precision and runtime chosen for serving, checked against fp32
 RUN_FILE = "run.json"                   # how long each step of `yelp-ts run` took
 SERVER_FILE = "server.json"             # the running server's pid, ports and model name
@@ -42,37 +39,89 @@ MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_
 TOKENIZER_EXTRAS = ("special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
                     "spiece.model", "sentencepiece.bpe.model")
 
-def shown(workdir=".") -> str:
-    "`workdir` as a message names it: absolute, so the command a message suggests works from any directory."
-    return str(Path(workdir).resolve())
+# %% ../nbs/00_core.ipynb #ec391c81
+class WorkDir:
+    "The work directory's layout, one name per folder and file (`WorkDir(path)`; a `WorkDir` is taken as it is)."
+    def __init__(self, root="."): self.root = Path(root.root if isinstance(root, WorkDir) else root)
+    def __fspath__(self): return str(self.root)
+    def __str__(self): return str(self.root)
+    def __repr__(self): return f"WorkDir({str(self.root)!r})"
+    def __eq__(self, other): return isinstance(other, WorkDir) and self.root == other.root
+    def __hash__(self): return hash(self.root)
 
-def data_dir(workdir=".") -> Path:
-    "Where the train/validation CSVs live: `{workdir}/data`."
-    return Path(workdir) / DATA_DIR
+    @property
+    def shown(self) -> str:
+        "The work directory as a message names it: absolute, so a command it suggests works from anywhere."
+        return str(self.root.resolve())
 
-def model_dir(workdir=".") -> Path:
-    "The article's working folder for model, tokenizer, archive and server files: `{workdir}/torch_model`."
-    return Path(workdir) / MODEL_DIR
+# %% ../nbs/00_core.ipynb #d9c9117b
+@patch(as_prop=True)
+def data(self: WorkDir) -> Path:
+    "train.csv, validation.csv and info.json (`00_data`)."
+    return self.root / "data"
 
-def mar_path(workdir=".", model_name=None) -> Path:
-    "The model archive TorchServe serves: `{workdir}/torch_model/model_store/{model_name}.mar`."
-    return model_dir(workdir) / MODEL_STORE / f"{model_name or MODEL_NAME}.mar"
+@patch
+def split(self: WorkDir, name) -> Path:
+    "The CSV of the split `name` (train or validation)."
+    return self.data / f"{name}.csv"
+
+@patch(as_prop=True)
+def model(self: WorkDir) -> Path:
+    "The article's working folder: model, tokenizer, archive, and the server's files."
+    return self.root / "torch_model"
+
+# %% ../nbs/00_core.ipynb #c5bbf80d
+@patch(as_prop=True)
+def model_store(self: WorkDir) -> Path:
+    "The MAR archives TorchServe loads."
+    return self.model / "model_store"
+
+@patch
+def mar(self: WorkDir, model_name=None) -> Path:
+    "The model archive TorchServe serves as /predictions/`model_name`."
+    return self.model_store / f"{model_name or MODEL_NAME}.mar"
+
+# %% ../nbs/00_core.ipynb #930e04d1
+@patch(as_prop=True)
+def logs(self: WorkDir) -> Path:
+    "TorchServe's logs (ts_log.log, model_log.log, access_log.log, console.log)."
+    return self.model / "logs"
+
+@patch(as_prop=True)
+def tmp(self: WorkDir) -> Path:
+    "The server's TMPDIR: unpacked archives, sockets and TorchServe's pid file."
+    return self.model / "tmp"
+
+@patch(as_prop=True)
+def pid_file(self: WorkDir) -> Path:
+    "The pid file `torchserve --stop` reads."
+    return self.tmp / ".model_server.pid"
+
+# %% ../nbs/00_core.ipynb #92c9d452
+@patch
+def file(self: WorkDir, name) -> Path:
+    "The record `name` in torch_model/ (METRICS_FILE, KEY_FILE, SERVER_FILE, ...)."
+    return self.model / name
+
+@patch(as_prop=True)
+def bench(self: WorkDir) -> Path:
+    "The benchmark's results and its deployments' work directories."
+    return self.root / "bench"
 
 # %% ../nbs/00_core.ipynb #029c047e
 EMBEDDED_MODEL = "minilm"       # the name of the embedded all-MiniLM-L6-v2 (below)
 DEFAULT_MODEL = EMBEDDED_MODEL  # "distilbert-base-uncased" is the article's (from the Hub)
 EMBEDDED_SOURCE = "sample"      # the embedded sample reviews; "yelp_review_full" is the article's (Hub)
-N_TRAIN, N_EVAL, SEED = 1000, 100, 42   # the article's sample of yelp_review_full
+SEED = 42                       # the article's shuffle seed
 MAX_LENGTH = 128                # tokens per review, in training and in serving (longer reviews are cut)
-EPOCHS, LEARNING_RATE, BATCH_SIZE = 4, 1.5e-4, 16
-PRECISION, RUNTIME = "auto", "auto"   # train and serve in what the hardware runs fastest (03_handler), checked against fp32
-MODEL_NAME, MODEL_VERSION = "yelp", "1.0"   # /predictions/yelp
+MODEL_NAME = "yelp"             # /predictions/yelp
 PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}   # TorchServe's own defaults, on 127.0.0.1
-SERVE_TIMEOUT = 300             # seconds `serve` waits for the model's first real answer
-PRESETS = {"embedded": dict(source=EMBEDDED_SOURCE, model=DEFAULT_MODEL),          # offline
-           "article": dict(source="yelp_review_full", model="distilbert-base-uncased")}   # the article's, from the Hub
-DEFAULT_PRESET = "embedded"
+STARS = "stars"                 # the explanation target "the expected rating", as the handler's JSON names it
 ARTICLE_REVIEW = "Stopped back by Mellow Mushroom with my mate Justin from Brew Bros."    # the article's example
+
+def api_path(model_name=None, api="predictions") -> str:
+    "The inference API's path for `model_name`: /predictions/NAME, or /explanations/NAME."
+    return f"/{api}/{model_name or MODEL_NAME}"
 
 # %% ../nbs/00_core.ipynb #ec01be06
 class YelpTsError(Exception):
@@ -105,7 +154,7 @@ class TrainingError(YelpTsError, RuntimeError):
 # %% ../nbs/00_core.ipynb #93a8796e
 def read_server_record(workdir=".") -> dict | None:
     "`torch_model/server.json` as a dict: the server `yelp_ts.serving.serve` started here (None if there is none)."
-    path = model_dir(workdir) / SERVER_FILE
+    path = WorkDir(workdir).file(SERVER_FILE)
     try: return json.loads(path.read_text())
     except (FileNotFoundError, ValueError): return None
     except PermissionError:
@@ -113,13 +162,13 @@ def read_server_record(workdir=".") -> dict | None:
 
 def check_model_dir(workdir="."):
     "The model folder `workdir/torch_model`; `MissingError` listing what is missing if it is incomplete."
-    d = model_dir(workdir)
+    d = WorkDir(workdir).model
     missing = [f for f in MODEL_FILES if not (d / f).is_file()]
     if missing:
         hint = (" (found pytorch_model.bin: re-save the model with `save_pretrained`, which writes model.safetensors)"
                 if (d / "pytorch_model.bin").is_file() and "model.safetensors" in missing else "")
         raise MissingError(f"The model folder {d} is missing {', '.join(missing)}{hint}. "
-                           f"Run `yelp-ts train --workdir {shown(workdir)}` (or the 02_training notebook) first.")
+                           f"Run `yelp-ts train --workdir {WorkDir(workdir).shown}` (or the 02_training notebook) first.")
     return d
 
 # %% ../nbs/00_core.ipynb #3e1c0a5e

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core import (EMBEDDED_SOURCE, LABEL_NAMES, N_EVAL, N_TRAIN, SEED, BadInputError, MissingError,
-                          data_dir, require_hub, shown)
+from .core import LABEL_NAMES, SEED, BadInputError, MissingError, WorkDir, require_hub
 from .sample import sample_reviews
+from .settings import Data
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ __all__ = ['logger', 'HUB_ALTERNATIVE', 'BASELINE_ROWS', 'yelp_review_full', 're
 HUB_ALTERNATIVE = ("`--source sample` (the embedded sample; in a notebook `source = \"sample\"`) "
                    "or a local CSV (`--source reviews.csv` with columns label,text or stars,text)")
 
-def yelp_review_full(n_train=N_TRAIN, n_eval=N_EVAL, seed=SEED):
+def yelp_review_full(n_train=Data.n_train, n_eval=Data.n_eval, seed=Data.seed):
     "The article's sample of yelp_review_full: (train, validation) `datasets.Dataset`s."
     require_hub("The yelp_review_full dataset", HUB_ALTERNATIVE)
     from datasets import load_dataset
@@ -57,7 +57,7 @@ def read_reviews_csv(path) -> pd.DataFrame:
     return pd.DataFrame({"label": values.astype(int) - low, "text": df[cols["text"]]})
 
 # %% ../nbs/00_data.ipynb #4827e6f9
-def split_reviews(reviews: pd.DataFrame, n_train=N_TRAIN, n_eval=N_EVAL, seed=SEED):
+def split_reviews(reviews: pd.DataFrame, n_train=Data.n_train, n_eval=Data.n_eval, seed=Data.seed):
     "Shuffle `reviews` with `seed`; return disjoint (train, validation) frames of `n_train` and `n_eval` rows."
     unique = reviews.drop_duplicates("text")
     if len(unique) < len(reviews): logger.warning("dropped %d repeated reviews", len(reviews) - len(unique))
@@ -68,7 +68,7 @@ def split_reviews(reviews: pd.DataFrame, n_train=N_TRAIN, n_eval=N_EVAL, seed=SE
     return shuffled.iloc[:n_train].reset_index(drop=True), shuffled.iloc[n_train:n_train + n_eval].reset_index(drop=True)
 
 # %% ../nbs/00_data.ipynb #9b526637
-def make_data(workdir=".", source=EMBEDDED_SOURCE, n_train=N_TRAIN, n_eval=N_EVAL, seed=SEED) -> dict:
+def make_data(workdir=".", source=Data.source, n_train=Data.n_train, n_eval=Data.n_eval, seed=Data.seed) -> dict:
     "Write `data/train.csv` and `data/validation.csv` (label 0-4, text) from `source`; return their paths."
     if n_train < 1 or n_eval < 1: raise BadInputError(f"n_train and n_eval must be at least 1 (got {n_train}, {n_eval}).")
     source = str(source)
@@ -77,29 +77,30 @@ def make_data(workdir=".", source=EMBEDDED_SOURCE, n_train=N_TRAIN, n_eval=N_EVA
     elif source.lower().endswith(".csv") or Path(source).is_file():
         train, validation = split_reviews(read_reviews_csv(source), n_train, n_eval, seed)
     else: raise BadInputError(f"Unknown source {source!r}: use `sample`, `yelp_review_full` or the path of a .csv file.")
-    out = data_dir(workdir); out.mkdir(parents=True, exist_ok=True)
-    paths = {"train": out / "train.csv", "validation": out / "validation.csv"}
+    w = WorkDir(workdir); w.data.mkdir(parents=True, exist_ok=True)
+    paths = {split: w.split(split) for split in ("train", "validation")}
     train.to_csv(paths["train"], index=False); validation.to_csv(paths["validation"], index=False)
     info = dict(source=source, n_train=len(train), n_eval=len(validation), seed=seed)
-    (out / "info.json").write_text(json.dumps(info, indent=1))
+    (w.data / "info.json").write_text(json.dumps(info, indent=1))
     logger.info("wrote %s", info)
     return paths
 
 # %% ../nbs/00_data.ipynb #347b27ae
 def data_info(workdir=".") -> dict:
     "Where `data/` came from (source, n_train, n_eval, seed), as written by `make_data`; {} if unknown."
-    path = data_dir(workdir) / "info.json"
+    path = WorkDir(workdir).data / "info.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 # %% ../nbs/00_data.ipynb #49068cfd
 def load_data(workdir="."):
     "`data/train.csv` and `data/validation.csv` as a DatasetDict, `label` cast to ClassLabel(LABEL_NAMES)."
-    files = {split: data_dir(workdir) / f"{split}.csv" for split in ("train", "validation")}
+    w = WorkDir(workdir)
+    files = {split: w.split(split) for split in ("train", "validation")}
     missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing: raise MissingError(f"Missing {', '.join(missing)}: run `yelp-ts data --workdir {shown(workdir)}` (or nbs/00_data.ipynb) first.")
+    if missing: raise MissingError(f"Missing {', '.join(missing)}: run `yelp-ts data --workdir {w.shown}` (or nbs/00_data.ipynb) first.")
     from datasets import ClassLabel, load_dataset
     data = load_dataset("csv", data_files={split: str(p) for split, p in files.items()},
-                        cache_dir=str(data_dir(workdir) / ".cache"))      # Arrow files beside the CSVs, not in ~/.cache
+                        cache_dir=str(w.data / ".cache"))      # Arrow files beside the CSVs, not in ~/.cache
     return data.cast_column("label", ClassLabel(names=LABEL_NAMES))
 
 # %% ../nbs/00_data.ipynb #8dd38c09

@@ -7,9 +7,8 @@ __all__ = ['plot_probabilities', 'demo_predict', 'demo_why', 'demo']
 
 # %% ../nbs/05b_demo.ipynb #9f889b92
 from .client import Client
-from .core import BadInputError, YelpTsError
+from .core import STARS, BadInputError, YelpTsError
 from .explain import explanation_html, plot_top_words
-from .handler import STARS
 
 # %% ../nbs/05b_demo.ipynb #50872f21
 def plot_probabilities(answer, text=None):

@@ -11,7 +11,7 @@ import random
 
 import numpy as np
 
-from .handler import STARS, explain, probabilities
+from .core import STARS
 
 # %% ../nbs/03b_explain.ipynb #ae70d693
 def explanation_html(text, explanation) -> str:
@@ -69,9 +69,10 @@ def _without(text, spans) -> str:
 def faithfulness(loaded, texts, k=5, seed=0, **explaining) -> dict:
     """Mean drop of the predicted class's probability when the `k` most positively attributed words are deleted,
     and when `k` random words are; per review too."""
-    rng, rows = random.Random(seed), []
+    from yelp_ts.model import explain, fp32_torch, probabilities       # torch: only here, so the views start without it
+    rng, rows, gradients = random.Random(seed), [], fp32_torch(loaded)
     for text in texts:
-        [e] = explain(loaded, [text], **explaining)
+        [e] = explain(loaded, [text], gradients=gradients, **explaining)
         cls, words = e["stars"] - 1, e["words"]
         top = sorted(words, key=lambda w: -w["attribution"])[:k]
         rand = rng.sample(words, min(k, len(words)))

@@ -23,8 +23,8 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, StringConstraints
 
-from .core import MODEL_NAME, NotRunningError, ServerError
-from .handler import load_model, probabilities, to_answers
+from .core import MODEL_NAME, NotRunningError, ServerError, api_path
+from .model import load_model, probabilities, to_answers
 
 # %% ../nbs/06a_peer.ipynb #157de113
 class Review(BaseModel):
@@ -34,7 +34,7 @@ class YelpAPI(ls.LitAPI):
     "The yelp_ts model behind LitServe: one `probabilities` call per batch, answers shaped like the TorchServe handler's."
     def __init__(self, model_dir, key, precision="fp32", runtime="torch", threads=None, max_batch_size=16,
                  batch_timeout=0.005):
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=f"/predictions/{MODEL_NAME}")
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=api_path(MODEL_NAME))
         self.model_dir, self.key, self.options = str(model_dir), key, dict(precision=precision, runtime=runtime,
                                                                           threads=threads)
     def setup(self, device): self.loaded = load_model(self.model_dir, **self.options)
@@ -75,7 +75,7 @@ def start_peer(model_dir, port, key, timeout=180, **options):
         if v is not None: args += [f"--{k.replace('_', '-')}", str(v)]
     log = open(Path(model_dir) / "peer.log", "ab")
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url, deadline = f"http://127.0.0.1:{port}/predictions/{MODEL_NAME}", time.monotonic() + timeout
+    url, deadline = f"http://127.0.0.1:{port}{api_path(MODEL_NAME)}", time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None: raise ServerError(f"the peer exited with {proc.returncode}: see {log.name}")
         try:

@@ -14,8 +14,9 @@ import time
 
 from . import archive, data, training
 from .benchmark import in_fresh_process                 # the benchmark's: each measurement in a process of its own
-from .core import DEFAULT_MODEL, EPOCHS, MAX_LENGTH, check_model_dir
-from .handler import load_model
+from .core import DEFAULT_MODEL, MAX_LENGTH, check_model_dir
+from .model import load_model
+from .settings import Train
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def growth(rows) -> dict:
     return out
 
 # %% ../nbs/08_scale.ipynb #4c5c2a47
-def training_hours(rows, samples_per_second, epochs=EPOCHS) -> float:
+def training_hours(rows, samples_per_second, epochs=Train.epochs) -> float:
     "Hours to train `epochs` over `rows` reviews at `samples_per_second`."
     return rows * epochs / samples_per_second / 3600
 
@@ -70,7 +71,7 @@ TO_DISTILBERT = 384 / MAX_LENGTH * 1.6                   # × the tokens per seq
 SCALING = {1: 1.0, 2: 1.84, 8: 7.66}                      # speed-up over one GPU (Lambda 2×A100; NVIDIA DGX A100 8 GPUs)
 PRICE_PER_GPU_HOUR = {"A10": 1.29, "A100": 2.79, "H100": 3.99}   # Lambda on demand, September 2026
 
-def gpu_estimate(rows=650_000, epochs=EPOCHS) -> list:
+def gpu_estimate(rows=650_000, epochs=Train.epochs) -> list:
     "On paper: hours and dollars to fine-tune DistilBERT (at MAX_LENGTH tokens) on `rows` reviews for `epochs`, per GPU and count."
     out = []
     for gpu, published in GPU_SEQ_PER_S.items():

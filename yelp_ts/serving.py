@@ -23,9 +23,9 @@ import psutil
 
 from .archive import mar_files, mar_model_config
 from .client import Client
-from .core import (KEY_FILE, MODEL_NAME, PORTS, SERVE_TIMEOUT, SERVER_FILE, BadInputError, MissingError,
-                          ServerError, ServerTimeoutError, YelpTsError, check_model_dir, mar_path, model_dir,
-                          read_server_record, shown)
+from .core import (KEY_FILE, PORTS, SERVER_FILE, BadInputError, KeyRefusedError, MissingError, NotRunningError,
+                          ServerError, ServerTimeoutError, WorkDir, YelpTsError, api_path, check_model_dir, read_server_record)
+from .settings import Server
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +52,17 @@ def check_java(minimum=11):
     return v
 
 # %% ../nbs/05_serving.ipynb #2f6f9b36
-def check_mar(workdir=".", model_name=MODEL_NAME):
+def check_mar(workdir=".", model_name=Server.model_name):
     "Path of `torch_model/model_store/{model_name}.mar`; a clear error if it is missing, truncated or corrupt."
-    mar = mar_path(workdir, model_name)
+    w = WorkDir(workdir)
+    mar = w.mar(model_name)
     if not mar.is_file():
         try: check_model_dir(workdir); first = "Build"
         except MissingError as e: first = f"no trained model to build it from ({e}) Then build"
-        raise MissingError(f"no model archive at {mar}: {first} it with `yelp-ts archive --workdir {shown(workdir)}` "
+        raise MissingError(f"no model archive at {mar}: {first} it with `yelp-ts archive --workdir {w.shown}` "
                            "(or yelp_ts.archive.build_archive(workdir)).")
     try: mar_files(mar)
-    except BadInputError as e: raise ServerError(f"{e} (work directory {shown(workdir)})") from None
+    except BadInputError as e: raise ServerError(f"{e} (work directory {w.shown})") from None
     return mar
 
 # %% ../nbs/05_serving.ipynb #36c1f38c
@@ -101,12 +102,12 @@ def check_ports(ports):
 
 # %% ../nbs/05_serving.ipynb #0490e136
 def write_config(workdir=".", ports=None, netty_threads=None, netty_client_threads=None, job_queue_size=None,
-                 cpu_launcher=False):
+                 cpu_launcher=False, key_minutes=None):
     "Write `torch_model/config.properties` for `ports` ({api: port}; gRPC ports default to free ones); return its path."
-    d = model_dir(workdir).resolve()
+    w = WorkDir(WorkDir(workdir).root.resolve())
     ports = {**PORTS, **(ports or {})}
     for api in ("grpc_inference", "grpc_management"): ports[api] = ports.get(api) or _any_free_port(ports.values())
-    store = re.escape(str(d / "model_store")).replace("\\", "\\\\")   # a Java regex in a .properties file
+    store = re.escape(str(w.model_store)).replace("\\", "\\\\")   # a Java regex in a .properties file
     lines = [f"inference_address=http://127.0.0.1:{ports['inference']}",
              f"management_address=http://127.0.0.1:{ports['management']}",
              f"metrics_address=http://127.0.0.1:{ports['metrics']}",
@@ -115,10 +116,11 @@ def write_config(workdir=".", ports=None, netty_threads=None, netty_client_threa
              "enable_model_api=false", "disable_token_authorization=false",
              f"allowed_urls=file://{store}/.*", "install_py_dep_per_model=false"]
     tuning = {"number_of_netty_threads": netty_threads, "netty_client_threads": netty_client_threads,
-              "job_queue_size": job_queue_size, "cpu_launcher_enable": "true" if cpu_launcher else None}
+              "job_queue_size": job_queue_size, "cpu_launcher_enable": "true" if cpu_launcher else None,
+              "token_expiration_min": key_minutes}
     lines += [f"{k}={v}" for k, v in tuning.items() if v is not None]
-    path = d / "config.properties"
-    d.mkdir(parents=True, exist_ok=True)
+    w.model.mkdir(parents=True, exist_ok=True)
+    path = w.model / "config.properties"
     path.write_text("# written by yelp_ts.serving.write_config\n" + "\n".join(lines) + "\n")
     return path
 
@@ -130,15 +132,14 @@ def _proc(pid, workdir):
         if p.status() == psutil.STATUS_ZOMBIE: return None
         cmd = p.cmdline()
     except (psutil.Error, ValueError, TypeError): return None
-    tmp = str(model_dir(workdir).resolve() / "tmp")
-    ours = "org.pytorch.serve.ModelServer" in cmd and f"-Djava.io.tmpdir={tmp}" in cmd
+    ours = "org.pytorch.serve.ModelServer" in cmd and f"-Djava.io.tmpdir={WorkDir(workdir).tmp.resolve()}" in cmd
     return p if ours else None
 
 def server_info(workdir="."):
     "The server record of `workdir` (server.json, or TorchServe's own pid file) if that server is alive, else None."
     info = read_server_record(workdir) or {}
     if _proc(info.get("pid"), workdir): return info
-    pid_file = model_dir(workdir) / "tmp" / ".model_server.pid"
+    pid_file = WorkDir(workdir).pid_file
     if pid_file.exists():
         pid = pid_file.read_text().strip()
         if _proc(pid, workdir): return {"pid": int(pid), "ports": {}, "started_by": "torchserve"}
@@ -153,34 +154,32 @@ def _torchserve():
 
 def _server_env(workdir):
     "Environment for torchserve commands of `workdir`: its own TMPDIR/TEMP and log directory."
-    d = model_dir(workdir).resolve()
+    w = WorkDir(WorkDir(workdir).root.resolve())
     env = {k: v for k, v in os.environ.items() if k not in ("TS_CONFIG_FILE",)}
-    env.update(TMPDIR=str(d / "tmp"), TEMP=str(d / "tmp"), LOG_LOCATION=str(d / "logs"), METRICS_LOCATION=str(d / "logs"))
+    env.update(TMPDIR=str(w.tmp), TEMP=str(w.tmp), LOG_LOCATION=str(w.logs), METRICS_LOCATION=str(w.logs))
     return env
 
 def _launch(workdir, model_name, config):
     "Run `torchserve --start`; return the java frontend's pid."
-    d = model_dir(workdir).resolve()
-    for sub in ("tmp", "logs"): (d / sub).mkdir(parents=True, exist_ok=True)
-    pid_file = d / "tmp" / ".model_server.pid"
-    pid_file.unlink(missing_ok=True)
-    (d / KEY_FILE).unlink(missing_ok=True)                   # a stale key from a crashed server
+    w = WorkDir(WorkDir(workdir).root.resolve())
+    for folder in (w.tmp, w.logs): folder.mkdir(parents=True, exist_ok=True)
+    w.pid_file.unlink(missing_ok=True)
+    w.file(KEY_FILE).unlink(missing_ok=True)                   # a stale key from a crashed server
     cmd = [_torchserve(), "--start", "--ncs", "--ts-config", str(config), "--model-store",
-           str(d / "model_store"), "--models", f"{model_name}={model_name}.mar"]
-    with open(d / "logs" / "console.log", "ab") as out:
-        try: r = subprocess.run(cmd, cwd=d, env=_server_env(workdir), stdin=subprocess.DEVNULL, stdout=out,
+           str(w.model_store), "--models", f"{model_name}={model_name}.mar"]
+    with open(w.logs / "console.log", "ab") as out:
+        try: r = subprocess.run(cmd, cwd=w.model, env=_server_env(w), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, timeout=120)
         except subprocess.TimeoutExpired:
-            raise ServerError(f"`torchserve --start` did not return within 120 s:\n{_log_tail(workdir, files=('console.log',))}") from None
-    if r.returncode != 0 or not pid_file.exists():
-        raise ServerError(f"`torchserve --start` failed (exit {r.returncode}):\n{_log_tail(workdir, files=('console.log',))}")
-    return int(pid_file.read_text().strip())
+            raise ServerError(f"`torchserve --start` did not return within 120 s:\n{_log_tail(w, files=('console.log',))}") from None
+    if r.returncode != 0 or not w.pid_file.exists():
+        raise ServerError(f"`torchserve --start` failed (exit {r.returncode}):\n{_log_tail(w, files=('console.log',))}")
+    return int(w.pid_file.read_text().strip())
 
 # %% ../nbs/05_serving.ipynb #2e93660b
 def _log_tail(workdir=".", n=30, files=("model_log.log", "ts_log.log"), since=None):
     "The last `n` lines of each log in torch_model/logs (only what was written after byte offsets `since`)."
-    logs = model_dir(workdir) / "logs"
-    parts = []
+    logs, parts = WorkDir(workdir).logs, []
     for name in files:
         f = logs / name
         if not f.exists(): continue
@@ -191,7 +190,7 @@ def _log_tail(workdir=".", n=30, files=("model_log.log", "ts_log.log"), since=No
     return "\n".join(parts) or f"(no logs in {logs})"
 
 def _log_sizes(workdir):
-    logs = model_dir(workdir) / "logs"
+    logs = WorkDir(workdir).logs
     return {f.name: f.stat().st_size for f in logs.glob("*.log")} if logs.exists() else {}
 
 # %% ../nbs/05_serving.ipynb #4ee0fe62
@@ -202,16 +201,21 @@ def _new_log_text(workdir, since, names):
     "What the logs `names` gained after the byte offsets `since`, as one text."
     text = ""
     for name in names:
-        f = model_dir(workdir) / "logs" / name
+        f = WorkDir(workdir).logs / name
         if f.exists():
             with open(f, "rb") as fh: fh.seek(since.get(name, 0)); text += fh.read().decode("utf-8", "replace")
     return text
 
+def _worker_error(workdir, since) -> str:
+    "The last exception a model worker logged after the byte offsets `since` ('' when none)."
+    errors = re.findall(r"MODEL_LOG - ([\w.]+(?:Error|Exception): .*)", _new_log_text(workdir, since, ("model_log.log",)))
+    return errors[-1].strip() if errors else ""
+
+# %% ../nbs/05_serving.ipynb #408fa91d
 def _startup_problem(workdir, since):
     "A reason to give up waiting, read from the new part of the logs, or None."
-    text = _new_log_text(workdir, since, ("ts_log.log", "model_log.log"))
-    errors = re.findall(r"MODEL_LOG - ([\w.]+(?:Error|Exception): .*)", text)
-    cause = f": {errors[-1].strip()}" if errors else ""
+    text, cause = _new_log_text(workdir, since, ("ts_log.log", "model_log.log")), _worker_error(workdir, since)
+    cause = f": {cause}" if cause else ""
     for line in FATAL_LOG_LINES:
         if line in text: return f"the model did not load{cause or f' ({line!r} in the log)'}"
     if text.count("Backend worker process died") >= 3: return f"the model's worker keeps dying{cause}"
@@ -244,9 +248,9 @@ class _Progress:
         if self.bar is not None: self.bar.close()
 
 # %% ../nbs/05_serving.ipynb #00b5571e
-def _wait_ready(workdir, pid, model_name, timeout, progress, since):
+def _wait_ready(workdir, pid, model_name, timeout, progress, since, tries=3):
     "Poll until a worker is READY and a real prediction comes back; raise with the reason otherwise."
-    t0, stage = time.monotonic(), "starting the frontend"
+    t0, stage, failed = time.monotonic(), "starting the frontend", 0
     bar = _Progress(f"TorchServe {model_name}", progress)
     try:
         while time.monotonic() - t0 < timeout:
@@ -257,59 +261,67 @@ def _wait_ready(workdir, pid, model_name, timeout, progress, since):
             try:
                 client = Client.from_workdir(workdir, retries=0, request_timeout=5)
                 workers = [w["status"] for m in client.describe() for w in m["workers"]]
-                stage = f"loading the model ({workers.count('READY')}/{len(workers)} workers ready)"
-                if "READY" in workers:
-                    stage = "first prediction"
-                    client.predict([PROBE_TEXT])
-                    return time.monotonic() - t0
-            except YelpTsError: pass            # not up yet: frontend starting, key not written, model registering
+            except YelpTsError: workers = []     # not up yet: frontend starting, key not written, model registering
+            stage = f"loading the model ({workers.count('READY')}/{len(workers)} workers ready)"
+            if "READY" in workers:
+                stage = "first prediction"
+                try: client.predict([PROBE_TEXT]); return time.monotonic() - t0
+                except (NotRunningError, KeyRefusedError): pass                  # a worker restarting, a key being written
+                except (ServerError, BadInputError) as e:                        # an answer, but an error
+                    failed += 1
+                    if failed >= tries or isinstance(e, BadInputError):
+                        cause = _worker_error(workdir, since)
+                        raise ServerError(f"the model answers with an error ({e})"
+                                          + (f"; the worker logged: {cause}" if cause else "")) from None
             time.sleep(0.5)
         raise ServerTimeoutError(f"the model did not answer within {timeout} s (last stage: {stage})")
     finally:
         bar.close()
 
 # %% ../nbs/05_serving.ipynb #c00a9c08
-def serve(workdir=".", model_name=MODEL_NAME, inference_port=PORTS["inference"], management_port=PORTS["management"],
-          metrics_port=PORTS["metrics"], timeout=SERVE_TIMEOUT, progress=True, grpc_inference_port=None, grpc_management_port=None,
-          netty_threads=None, netty_client_threads=None, job_queue_size=None, cpu_launcher=False):
-    """Start TorchServe for `workdir` in the background; return when the model answers. Returns pid, ports, urls.
-    `netty_threads`, `netty_client_threads`, `job_queue_size` and `cpu_launcher` tune the frontend (`write_config`)."""
-    running = server_info(workdir)
+def serve(workdir=".", model_name=Server.model_name, inference_port=Server.inference_port,
+          management_port=Server.management_port, metrics_port=Server.metrics_port, timeout=Server.timeout,
+          netty_threads=Server.netty_threads, netty_client_threads=Server.netty_client_threads,
+          job_queue_size=Server.job_queue_size, cpu_launcher=Server.cpu_launcher, key_minutes=Server.key_minutes,
+          progress=True, grpc_inference_port=None, grpc_management_port=None):
+    """Start TorchServe for `workdir` in the background; return when the model answers: pid, ports, urls. The gRPC ports
+    are free ones unless given."""
+    w = WorkDir(workdir)
+    running = server_info(w)
     if running:
-        raise ServerError(f"TorchServe is already running for {shown(workdir)} (pid {running['pid']}): use it, or stop "
-                          f"it first with `yelp-ts stop --workdir {shown(workdir)}`.")
+        raise ServerError(f"TorchServe is already running for {w.shown} (pid {running['pid']}): use it, or stop "
+                          f"it first with `yelp-ts stop --workdir {w.shown}`.")
     check_java()
-    mar = check_mar(workdir, model_name)
+    mar = check_mar(w, model_name)
     ports = dict(inference=inference_port, management=management_port, metrics=metrics_port,
                  grpc_inference=grpc_inference_port, grpc_management=grpc_management_port)
     for api in ("grpc_inference", "grpc_management"): ports[api] = ports[api] or _any_free_port(ports.values())
     check_ports(ports)
-    config = write_config(workdir, ports, netty_threads, netty_client_threads, job_queue_size, cpu_launcher)
-    since = _log_sizes(workdir)
-    pid = _launch(workdir, model_name, config)
-    info = dict(pid=pid, model_name=model_name, ports=ports, workdir=str(Path(workdir).resolve()),
-                urls={"inference": f"http://127.0.0.1:{inference_port}/predictions/{model_name}",
+    config = write_config(w, ports, netty_threads, netty_client_threads, job_queue_size, cpu_launcher, key_minutes)
+    since = _log_sizes(w)
+    pid = _launch(w, model_name, config)
+    info = dict(pid=pid, model_name=model_name, ports=ports, workdir=w.shown,
+                urls={"inference": f"http://127.0.0.1:{inference_port}{api_path(model_name)}",
                       "management": f"http://127.0.0.1:{management_port}/models/{model_name}",
                       "metrics": f"http://127.0.0.1:{metrics_port}/metrics"},
                 model_config=mar_model_config(mar), started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    record = model_dir(workdir) / SERVER_FILE
-    record.write_text(json.dumps(info, indent=1))
+    w.file(SERVER_FILE).write_text(json.dumps(info, indent=1))
     try:
-        info["ready_seconds"] = round(_wait_ready(workdir, pid, model_name, timeout, progress, since), 1)
+        info["ready_seconds"] = round(_wait_ready(w, pid, model_name, timeout, progress, since), 1)
     except BaseException as e:
-        tail = _log_tail(workdir, since=since)
-        stop(workdir)
+        tail = _log_tail(w, since=since)
+        stop(w)
         if isinstance(e, (ServerError, ServerTimeoutError)):
             raise type(e)(f"TorchServe did not come up: {e}. Log tail:\n{tail}") from None
         raise
-    record.write_text(json.dumps(info, indent=1))
+    w.file(SERVER_FILE).write_text(json.dumps(info, indent=1))
     logger.info("TorchServe ready in %.1f s: %s", info["ready_seconds"], info["urls"]["inference"])
     return info
 
 # %% ../nbs/05_serving.ipynb #0d1dc73b
 def _in_force(workdir) -> str | None:
     "What the model's worker says it runs, from its last start-up line in the logs (precision, runtime, threads)."
-    log = model_dir(workdir) / "logs" / "model_log.log"
+    log = WorkDir(workdir).logs / "model_log.log"
     lines = re.findall(r"Loaded \d+ labels on .*", log.read_text(errors="replace")) if log.exists() else []
     return lines[-1] if lines else None
 
@@ -328,18 +340,23 @@ def status(workdir="."):
     return out
 
 # %% ../nbs/05_serving.ipynb #393aab96
+def _forget(workdir):
+    "Remove the records of a server that is gone: server.json, the key file, TorchServe's pid file."
+    w = WorkDir(workdir)
+    for f in (w.file(SERVER_FILE), w.file(KEY_FILE), w.pid_file): f.unlink(missing_ok=True)
+
 def stop(workdir=".", timeout=60):
     "Stop the TorchServe of `workdir` and wait for its processes to exit; False when none was running."
-    d = model_dir(workdir)
-    info = server_info(workdir)
-    if not info:
-        (d / SERVER_FILE).unlink(missing_ok=True)
+    w = WorkDir(workdir)
+    info = server_info(w)
+    proc = _proc(info["pid"], w) if info else None        # None too when it exited between the two looks
+    if proc is None:
+        _forget(w)
         logger.info("no TorchServe is running for %s: nothing to stop", workdir)
         return False
-    proc = _proc(info["pid"], workdir)
     try: procs = [proc] + proc.children(recursive=True)
     except psutil.Error: procs = [proc]
-    try: subprocess.run([_torchserve(), "--stop"], cwd=d.resolve(), env=_server_env(workdir), stdin=subprocess.DEVNULL,
+    try: subprocess.run([_torchserve(), "--stop"], cwd=w.model.resolve(), env=_server_env(w), stdin=subprocess.DEVNULL,
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
     except subprocess.TimeoutExpired: logger.warning("`torchserve --stop` did not return within 60 s: killing the processes")
     _, alive = psutil.wait_procs(procs, timeout=timeout)
@@ -348,6 +365,6 @@ def stop(workdir=".", timeout=60):
         try: p.kill()
         except psutil.Error: pass
     psutil.wait_procs(alive, timeout=10)
-    for f in (d / SERVER_FILE, d / KEY_FILE, d / "tmp" / ".model_server.pid"): f.unlink(missing_ok=True)
+    _forget(w)
     logger.info("stopped TorchServe (pid %s)", info["pid"])
     return True
