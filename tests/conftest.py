@@ -91,15 +91,18 @@ def untrained_model_workdir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tied_model_workdir(untrained_model_workdir, tmp_path_factory):
-    """The untrained model with a head that ties 1 star and 2 stars up to a difference far below bf16's rounding (the
-    other classes out of the race): fp32 picks either, bf16 rounds the two rows alike and picks 1 star — a model on
-    which "bf16 serves fp32's answers" fails for about half the reviews, so tests of what was served can fail."""
+    """The untrained model with a head that ties 1 star and 2 stars (the other classes out of the race): the two rows
+    differ by a hundredth of bf16's resolution, so fp32 tells them apart — 2 stars for about half the reviews — while
+    in bf16 they are the same row and the tie goes to 1 star, whatever the batch. A model on which "bf16 serves fp32's
+    answers" fails, so a test of what was served can fail."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     wd, src = tmp_path_factory.mktemp("wd_tied"), WorkDir(untrained_model_workdir).model
     m = AutoModelForSequenceClassification.from_pretrained(src)
     w, b, g = m.classifier.weight, m.classifier.bias, torch.Generator().manual_seed(0)
     with torch.no_grad():
-        w[1] = w[0] + 1e-4 * w[0].abs().mean() * torch.randn(w.shape[1], generator=g)
+        w[0] = w[0].bfloat16().float()                               # a row bf16 holds exactly
+        ulp = w[0].abs() * 2.0 ** -8                                  # about bf16's spacing at each weight
+        w[1] = w[0] + 0.01 * ulp * torch.randn(w.shape[1], generator=g).sign()
         b.zero_(); b[2:] = -20
     m.save_pretrained(WorkDir(wd).model)
     AutoTokenizer.from_pretrained(src).save_pretrained(WorkDir(wd).model)

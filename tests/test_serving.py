@@ -1,6 +1,7 @@
 """Serving against a real TorchServe 0.12 (Java) on free loopback ports: shapes, equality with the
 in-process model, batching under concurrency, token auth, bad input, clear errors, clean stop."""
 import json
+from pathlib import Path
 import os
 import re
 import shutil
@@ -141,6 +142,42 @@ def test_16_concurrent_requests_batch_4_each_get_their_own_answer(served, client
         assert r.status_code == 200, r.text
         got = [r.json()["probabilities"][n] for n in LABEL_NAMES]
         assert max(abs(a - b) for a, b in zip(got, reference[text])) < 1e-4, text
+
+
+def _grpc_inference(out_dir):
+    "TorchServe's own inference.proto (from its jar), compiled with grpcio-tools: the messages and the stub modules."
+    grpc_tools = pytest.importorskip("grpc_tools")
+    import importlib, sys, zipfile
+    import ts
+    from grpc_tools import protoc
+    protos, out = out_dir / "proto", out_dir / "stubs"
+    out.mkdir(parents=True)
+    with zipfile.ZipFile(Path(ts.__file__).parent / "frontend" / "model-server.jar") as z:
+        for name in ("inference.proto", "google/rpc/status.proto"): z.extract(name, protos)
+    include = Path(grpc_tools.__file__).parent / "_proto"           # google/protobuf/empty.proto
+    assert protoc.main(["protoc", f"-I{protos}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}",
+                        "inference.proto", "google/rpc/status.proto"]) == 0
+    sys.path.insert(0, str(out))
+    try: return importlib.import_module("inference_pb2"), importlib.import_module("inference_pb2_grpc")
+    finally: sys.path.remove(str(out))
+
+
+def test_grpc_and_http_give_the_same_answers(served, client, reference, tmp_path):
+    "TorchServe's gRPC inference API (its own port, the same key in the metadata) answers what HTTP answers."
+    import grpc
+    wd, info = served
+    messages, stubs = _grpc_inference(tmp_path)
+    with grpc.insecure_channel(f"127.0.0.1:{info['ports']['grpc_inference']}") as channel:
+        stub = stubs.InferenceAPIsServiceStub(channel)
+        ask = lambda text, key: json.loads(stub.Predictions(messages.PredictionsRequest(model_name="yelp", input={
+            "data": text.encode()}), metadata=[("authorization", f"Bearer {key}")], timeout=60).prediction)
+        over_grpc = [ask(text, client.keys["inference"]) for text in REVIEWS[:6]]
+        with pytest.raises(grpc.RpcError) as refused:
+            ask(REVIEWS[0], "wrong-key")
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    for text, g, h in zip(REVIEWS, over_grpc, client.predict(REVIEWS[:6])):
+        _check_answer(g)
+        assert g["label"] == h["label"] and max(abs(g["probabilities"][n] - h["probabilities"][n]) for n in LABEL_NAMES) < 1e-4
 
 
 def test_requests_without_or_with_wrong_key_are_refused(served, client):

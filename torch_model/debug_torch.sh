@@ -6,9 +6,11 @@
 #     torch_model/debug_torch.sh               # optional: --inference-port 8090 --management-port 8091 ...
 #
 # What was fixed against the 2023 script, and where each step lives now (yelp_ts.pipeline.debug):
-#   - bash shebang and `set -euo pipefail`; no stray `실행하기` line (bash ran it as a command and failed)
+#   - bash shebang and `set -euo pipefail`; no stray `실행하기` line (bash tried to run it as a command, printed
+#     "command not found" and, without `set -e`, went on)
 #   - torch-model-archiver packs model.safetensors + tokenizer.json/tokenizer_config.json (transformers 5
-#     writes no pytorch_model.bin / vocab.txt) with the handler yelp_ts/handler.py and model-config.yaml,
+#     writes no pytorch_model.bin / vocab.txt) with the handler yelp_ts/handler.py, the model module it imports
+#     (yelp_ts/model.py, packed beside it) and model-config.yaml,
 #     `--force`, straight into torch_model/model_store/ (no `mv`)
 #   - its own TMPDIR/TEMP (torch_model/tmp): `torchserve --stop` kills the pid in $TMPDIR/.model_server.pid,
 #     so with the default /tmp it would stop any TorchServe on the machine
@@ -19,7 +21,7 @@
 #     torchserve --stop
 #     torch-model-archiver --model-name yelp --version 1.0 --serialized-file model.safetensors \
 #         --handler "$(python -c 'import yelp_ts.handler as h; print(h.__file__)')" \
-#         --extra-files "config.json,tokenizer.json,tokenizer_config.json,index_to_name.json" \
+#         --extra-files "config.json,tokenizer.json,tokenizer_config.json,index_to_name.json,$(python -c 'import yelp_ts.model as m; print(m.__file__)')" \
 #         --config-file model-config.yaml --export-path model_store --force
 #     torchserve --start --ncs --ts-config config.properties --model-store model_store --models yelp=yelp.mar
 set -euo pipefail
