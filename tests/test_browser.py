@@ -103,16 +103,31 @@ def _open(page, lab, name):
                            timeout=120_000)
 
 
+DIALOGS = []                                                           # what JupyterLab asked, for failure messages
+
+
+def _answer_dialogs(page):
+    """Accept any dialog JupyterLab put up (on a busy machine, "Select Kernel" can come when the kernel specs load
+    after the notebook opened; it covers the page, so no click reaches the notebook), and remember its text."""
+    dialogs = page.locator(".jp-Dialog")
+    for i in range(dialogs.count()):
+        if dialogs.nth(i).is_visible():
+            DIALOGS.append(dialogs.nth(i).inner_text()[:300])
+            dialogs.nth(i).locator(".jp-Dialog-button.jp-mod-accept").first.click(timeout=10_000)
+
+
 def _menu(page, top, item):
     "Click `top` → `item` in JupyterLab's menu bar once the item is enabled (greyed out until the notebook is current)."
     label = re.compile(f"^{re.escape(item)}$")
     deadline = time.monotonic() + 60
     while True:
+        _answer_dialogs(page)
         page.locator(".lm-MenuBar-itemLabel", has_text=top).first.click()
         enabled = page.locator(".lm-Menu-item:not(.lm-mod-disabled) .lm-Menu-itemLabel").filter(has_text=label)
         try: return enabled.first.click(timeout=2_000)
         except playwright.TimeoutError: page.keyboard.press("Escape")
-        assert time.monotonic() < deadline, f"{top} → {item} stayed disabled for 60 s"
+        assert time.monotonic() < deadline, f"{top} → {item} stayed disabled for 60 s (dialogs: {DIALOGS})"
+        _answer_dialogs(page)
         page.locator(".jp-Notebook").first.click()                      # make the notebook the current widget
 
 
@@ -137,16 +152,18 @@ def test_run_all_in_05_serving_then_the_demo_answers(lab, page, reader_repo):
         _menu(page, "Run", "Run All Cells")
         try:
             page.wait_for_function(started, timeout=30_000, polling=500); break
-        except playwright.TimeoutError: page.locator(".jp-Notebook").first.click()
-    else: raise AssertionError("Run → Run All Cells started no cell, three times")
+        except playwright.TimeoutError:
+            _answer_dialogs(page); page.locator(".jp-Notebook").first.click()
+    else: raise AssertionError(f"Run → Run All Cells started no cell, three times (dialogs: {DIALOGS})")
     # done when every cell has run, or as soon as one wrote an error (Run All stops there; tracebacks are stderr)
     done = """() => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent);
                       const failed = document.querySelector(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']");
                       return failed !== null || (p.length > 0 && p.every(t => /\\[\\d+\\]/.test(t))); }"""
     page.wait_for_function(done, timeout=600_000, polling=1000)
+    assert not [d for d in DIALOGS if "died" in d or "rror" in d], f"JupyterLab said: {DIALOGS}"
     errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
     texts = [errors.nth(i).inner_text()[:500] for i in range(errors.count())]
-    assert texts == [], f"cells wrote errors or warnings: {texts}"
+    assert texts == [], f"cells wrote errors or warnings: {texts} (dialogs: {DIALOGS})"
     box = page.locator(".widget-textarea textarea").last
     box.fill("The ramen was rich and the staff were lovely, but we waited forty minutes.")
     page.locator(".widget-button", has_text="Predict stars").last.click()
