@@ -6,6 +6,7 @@ VENV    ?= .venv
 BIN     := $(abspath $(VENV))/bin
 TORCH   ?= torch==2.13.0
 LAB_ARGS ?=
+ARTICLE ?= en
 # keep Jupyter, IPython, matplotlib and pip caches out of $HOME
 export JUPYTER_CONFIG_DIR  ?= $(abspath $(VENV))/etc/jupyter-config
 export JUPYTER_DATA_DIR    ?= $(abspath $(VENV))/share/jupyter-data
@@ -16,7 +17,7 @@ export PIP_CACHE_DIR       ?= $(abspath $(VENV))/pip-cache
 # JupyterLab refuses to start as root (the usual user in a container) unless told it may
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: venv run test test-quick lab export clean-nbs stop
+.PHONY: venv run article docs test test-quick lab export clean-nbs stop
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +32,19 @@ venv: $(abspath $(VENV))/.installed
 
 run: venv
 	$(BIN)/yelp-ts run
+
+# the article, runnable (nbs/article_$(ARTICLE).ipynb), executed headless into walkthrough/; prints how long it took
+article: venv
+	mkdir -p walkthrough
+	start=$$(date +%s); cd nbs && $(BIN)/papermill --cwd . article_$(ARTICLE).ipynb ../walkthrough/article_$(ARTICLE).out.ipynb \
+	  && echo "the article ran in $$(( $$(date +%s) - start )) s (walkthrough/article_$(ARTICLE).out.ipynb)"
+
+# the site of the executed notebooks (mkdocs-material + mkdocs-jupyter) in site/: the notebook tier of the tests runs
+# every notebook with its small parameters and keeps the executed copies in _executed/, which the pages show
+docs: venv
+	rm -rf _executed && mkdir -p _executed
+	YELP_TS_EXECUTED=$(CURDIR)/_executed $(BIN)/pytest -m notebook -p no:randomly -q
+	$(BIN)/python docs/build_site.py --executed _executed --out site
 
 test: venv
 	$(BIN)/pytest -m ""          # every tier: training, TorchServe, the browser, the notebooks, the long loads

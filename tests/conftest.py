@@ -5,6 +5,8 @@ the pod's nginx gate), `browser` drives Chromium, `notebook` runs a notebook und
 A test that uses a fixture which trains or serves gets that marker here; the others are marked where they are
 defined. `make test-quick` runs what has none of them; `make test` (CI) runs everything."""
 import socket
+import os
+import shutil
 from pathlib import Path
 
 import papermill as pm
@@ -17,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 NBS = REPO / "nbs"
 TIERS = ("training", "torchserve", "browser", "notebook", "slow")
 FIXTURE_TIERS = {"trained_workdir": "training", "data_workdir": "notebook", "served": "torchserve", "server": "torchserve", "own_server": "torchserve",
-                 "served_bf16": "torchserve", "manifests": "torchserve", "lab": "browser"}
+                 "served_bf16": "torchserve", "manifests": "torchserve", "lab": "browser",
+                 "executed": "notebook"}
 
 # Small sizes for CI: big enough that the fine-tuned model beats the TF-IDF baseline.
 SMALL_DATA = dict(n_train=320, n_eval=120, seed=42)
@@ -39,6 +42,8 @@ def run_notebook(name, out_dir, **parameters):
     pm.execute_notebook(str(NBS / f"{name}.ipynb"), str(out), parameters=parameters,
                         cwd=str(NBS), kernel_name="python3", progress_bar=False,
                         execution_timeout=900)
+    if os.environ.get("YELP_TS_EXECUTED"):                   # `make docs`: the site shows the copies the tests ran
+        shutil.copy(out, Path(os.environ["YELP_TS_EXECUTED"]) / out.name)
     return out
 
 

@@ -103,3 +103,10 @@ def test_index_and_readme_link_every_notebook():
     readme = (REPO / "README.md").read_text()
     assert [n for n in names if f"]({n}.ipynb)" not in index] == [], "not linked from nbs/index.ipynb"
     assert [n for n in names if f"](nbs/{n}.ipynb)" not in readme] == [], "not linked from README.md"
+
+
+def test_nbdev_readme_cannot_overwrite_the_hand_written_readme():
+    "settings.ini's readme_nb names no notebook, so `nbdev_readme` (quarto) has nothing to render over README.md."
+    import configparser
+    config = configparser.ConfigParser(); config.read(REPO / "settings.ini")
+    assert not (NBS / config["DEFAULT"]["readme_nb"]).exists()

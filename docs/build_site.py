@@ -1,0 +1,76 @@
+"""Build the static site of the notebooks (mkdocs-material + mkdocs-jupyter): `python docs/build_site.py [--executed DIR]
+[--out site]`. Each page is the notebook from nbs/, or, where DIR holds `NAME.out.ipynb` (the copy a test executed with
+small parameters, see `make docs`), that executed copy with its outputs: tables, plots, the server's answers."""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NBS = REPO / "nbs"
+SECTIONS = {   # the reader's order: the article first, then the article as a library, then beyond it, then the reference
+    "The article, runnable": ["article_ko", "article_en"],
+    "The article, as a library": ["00_data", "01_concepts", "02_training", "03_handler", "04_archive", "05_serving",
+                                  "05a_client", "05b_demo", "05c_pipeline"],
+    "Beyond the article": ["02a_model", "03b_explain", "06_benchmark", "06a_peer", "07_cli", "08_scale", "09_deploy"],
+    "Reference": ["00_core", "00a_sample", "00b_settings", "03a_worker"],
+}
+LINK = re.compile(r"\]\(([\w-]+)\.ipynb(#[^)]*)?\)")
+
+
+def pages() -> list:
+    "Every notebook of nbs/, index first; one that no section names is refused (the site must show them all)."
+    names = sorted(p.stem for p in NBS.glob("*.ipynb"))
+    listed = [n for section in SECTIONS.values() for n in section]
+    missing = sorted(set(names) - set(listed) - {"index"})
+    if missing: sys.exit(f"docs/build_site.py: add {missing} to SECTIONS")
+    return ["index"] + [n for n in listed if n in names]
+
+
+def page_link(name, anchor, here):
+    "The site's URL of notebook `name` from page `here` (directory URLs: index is /, NAME is /NAME/)."
+    up = "" if here == "index" else "../"
+    return f"]({up}{'' if name == 'index' else name + '/'}{anchor or ''})"
+
+
+def copy_notebook(name, executed, docs):
+    "nbs/NAME.ipynb (or its executed copy) into docs/, with links to other notebooks pointing at their pages."
+    source = executed / f"{name}.out.ipynb" if executed else None
+    nb = json.loads((source if source and source.is_file() else NBS / f"{name}.ipynb").read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "markdown":
+            text = "".join(cell["source"])
+            cell["source"] = LINK.sub(lambda m: page_link(m[1], m[2], name), text)
+    (docs / f"{name}.ipynb").write_text(json.dumps(nb))
+    return source is not None and source.is_file()
+
+
+def build(executed=None, out=REPO / "site") -> dict:
+    "Write the site to `out`; return {page: True if it shows executed outputs}."
+    work = out.parent / f".{out.name}-src"
+    shutil.rmtree(work, ignore_errors=True)
+    docs = work / "docs"; docs.mkdir(parents=True)
+    shown = {name: copy_notebook(name, Path(executed) if executed else None, docs) for name in pages()}
+    nav = [{"Home": "index.ipynb"}] + [{title: [f"{n}.ipynb" for n in names if n in shown]} for title, names in SECTIONS.items()]
+    config = {"site_name": "yelp_ts", "docs_dir": "docs", "site_dir": str(out.resolve()), "use_directory_urls": True,
+              "theme": {"name": "material", "features": ["navigation.sections"]}, "nav": nav,
+              "plugins": [{"mkdocs-jupyter": {"execute": False, "include_source": True, "ignore_h1_titles": False}}]}
+    (work / "mkdocs.yml").write_text(json.dumps(config, indent=1))   # JSON is YAML
+    subprocess.run([str(Path(sys.executable).parent / "mkdocs"), "build", "--quiet", "-f", str(work / "mkdocs.yml")],
+                   check=True, cwd=work, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})   # its .cache/ goes with work
+    shutil.rmtree(work)
+    return shown
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--executed", help="a folder of NAME.out.ipynb executed copies (default: none, the notebooks as committed)")
+    parser.add_argument("--out", default=str(REPO / "site"), help="where the site goes (default: site/)")
+    args = parser.parse_args()
+    shown = build(args.executed, Path(args.out))
+    print(f"wrote {args.out}: {len(shown)} pages, {sum(shown.values())} with the outputs of an executed copy; "
+          f"open {Path(args.out).resolve() / 'index.html'} or `python -m http.server -d {args.out}`")
