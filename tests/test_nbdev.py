@@ -75,7 +75,7 @@ def test_no_cell_longer_than_a_screen():
     assert found == {}, f"code cells over {SCREEN} lines (split them): {found}"
 
 
-LAYERS = ["model", "core", "settings", "sample", "data", "concepts", "handler", "explain", "worker", "training", "archive", "client",
+LAYERS = ["model", "core", "settings", "sample", "data", "handler", "explain", "worker", "training", "archive", "client",
           "serving", "demo", "pipeline", "peer", "benchmark", "scale", "deploy", "cli"]
 
 
@@ -110,3 +110,44 @@ def test_nbdev_readme_cannot_overwrite_the_hand_written_readme():
     import configparser
     config = configparser.ConfigParser(); config.read(REPO / "settings.ini")
     assert not (NBS / config["DEFAULT"]["readme_nb"]).exists()
+
+
+def export_cells():
+    "(notebook, cell id, the code under `#| export`) for every export cell."
+    for path in sorted(NBS.glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            source = "".join(cell["source"])
+            if cell["cell_type"] == "code" and source.startswith("#| export"):
+                yield path.name, cell["id"], source.split("\n", 1)[1] if "\n" in source else ""
+
+
+ONE_CELL_CLASSES = {"03_handler.ipynb"}   # TorchServe loads one class from one file: the handler's steps stay together
+
+
+def test_notebooks_at_nbdevs_grain():
+    "One definition per export cell, a median of 10 lines or fewer, none over 30 (but the handler class), prose in short cells."
+    import ast, statistics
+    cells = list(export_cells())
+    sizes = [len(code.splitlines()) for _, _, code in cells]
+    assert statistics.median(sizes) <= 10, statistics.median(sizes)
+    defs = lambda code: sum(isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) for n in ast.parse(code).body)
+    assert [(nb, cid) for nb, cid, code in cells if defs(code) > 1] == [], "one definition per export cell"
+    over = [(nb, cid, n) for (nb, cid, code), n in zip(cells, sizes) if n > 30 and nb not in ONE_CELL_CLASSES]
+    assert over == [], f"export cells over 30 lines: {over}"
+    wordy = [(p.name, c["id"], len("".join(c["source"]).split())) for p in sorted(NBS.glob("*.ipynb"))
+             for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "markdown" and len("".join(c["source"]).split()) > 150]
+    assert wordy == [], f"markdown cells over 150 words (split them): {wordy}"
+
+
+MIRRORS = {"00_data": "학습 & 평가 데이터 만들기", "01_concepts": "🤗 Transformers의 모델 구조 이해하기(개념)",
+           "02_training": "Sequenceclassification Model 학습하기(적용)", "03_handler": "🤗 Transformers를 위한 Handler",
+           "04_archive": "MAR file 생성하기", "05_serving": "TorchServe 배포하기", "05c_pipeline": "Debugging을 위한 Shell script 생성"}
+
+
+def test_each_notebook_says_what_it_needs_writes_and_takes_and_mirrors_carry_the_articles_heading():
+    for path in sorted(NBS.glob("*.ipynb")):
+        if path.stem in ("index",) or path.stem.startswith("article_"): continue
+        cells = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"]]
+        head = "\n".join(cells[:3])
+        assert all(k in head for k in ("**Needs:**", "**Writes:**", "**Takes:**")), path.name
+        if path.stem in MIRRORS: assert cells[0].startswith(f"# {MIRRORS[path.stem]} — "), (path.name, cells[0][:80])

@@ -81,6 +81,7 @@ def percentiles(ms) -> dict:
     if not len(ms): return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
     return {f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)}
 
+# %% ../nbs/04_archive.ipynb #64c2abca
 def speed(loaded, texts, batch_size=8, seconds=2.0) -> dict:
     "Texts/s and per-batch latency of `probabilities` on `texts` in batches of `batch_size`, for `seconds` after a warm-up."
     from yelp_ts.model import probabilities
@@ -235,6 +236,7 @@ def mar_manifest(mar):
     mar_files(mar)
     with zipfile.ZipFile(mar) as z: return json.loads(z.read("MAR-INF/MANIFEST.json"))
 
+# %% ../nbs/04_archive.ipynb #a2a916cd
 def mar_model_config(mar) -> dict:
     "The `model-config.yaml` packed in the archive, as a dict ({} when it has none)."
     with zipfile.ZipFile(mar) as z:

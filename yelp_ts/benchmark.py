@@ -26,6 +26,7 @@ from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 
+# %% ../nbs/06_benchmark.ipynb #65d16d15
 import numpy as np
 import psutil
 import torch
@@ -58,6 +59,7 @@ def review_texts(workdir=".", n=256) -> list:
     texts = list(data.load_data(workdir)["validation"]["text"])
     return [texts[i % len(texts)] for i in range(n)]
 
+# %% ../nbs/06_benchmark.ipynb #c3dfea55
 def token_lengths(texts, tokenizer, max_length=Train.max_length) -> dict:
     "Median and 90th percentile of the texts' token counts, before truncation, and the share truncated."
     n = np.array([len(ids) for ids in tokenizer(list(texts), verbose=False)["input_ids"]])
@@ -69,6 +71,7 @@ def bench_candidates(full=False) -> list:
     "The (precision, runtime) pairs the benchmark measures: fp32 and the native precision, on `auto`'s runtimes (all: full)."
     return candidates(["fp32", "auto"], ["every" if full else "auto"])
 
+# %% ../nbs/06_benchmark.ipynb #5b35548b
 def in_fresh_process(func, *args, **kwargs):
     """`func(*args, **kwargs)` in a new Python process (spawned): its own peak memory, and its own torch and Accelerate
     state, so the caller's stays untouched. `func` must be importable (a library function, not a notebook's)."""
@@ -80,6 +83,7 @@ def ceiling_seconds(quick, seconds=None) -> float:
     "Seconds per in-process measurement: as given, else 1 (quick) or 5 (full)."
     return seconds or (1.0 if quick else 5.0)
 
+# %% ../nbs/06_benchmark.ipynb #616376bf
 def ceilings(workdir, texts, full=False, seconds=3.0) -> list:
     "Every candidate measured in a fresh process of its own; each row also says how its answers compare with fp32's."
     rows = [in_fresh_process(archive.measure, str(WorkDir(workdir).model), p, r, list(texts), (1, 8, 16), seconds)
@@ -166,6 +170,7 @@ def python_load(url, key, texts, concurrency, seconds=5.0, workdir=None) -> dict
     from yelp_ts.benchmark import _client_run as client
     return in_fresh_process(client, url, key, list(texts), concurrency, seconds)
 
+# %% ../nbs/06_benchmark.ipynb #d0597535
 def load(url, key, texts, concurrency, seconds=5.0, workdir=".", min_requests=None) -> dict:
     """One load with `wrk` where it is installed, else with `python_load`, for `seconds` — or longer (at most 4 more
     tries) until at least `min_requests` (default: one per user) were answered: no percentiles of nothing."""
@@ -193,12 +198,14 @@ def deployment_workdir(workdir, name) -> WorkDir:
     if not w.data.exists() and WorkDir(workdir).data.exists(): w.data.symlink_to(WorkDir(workdir).data.resolve())
     return w
 
+# %% ../nbs/06_benchmark.ipynb #06c5d2cb
 def _metric_values(path, name, since=0) -> list:
     "The values of metric `name` logged in `path` after byte offset `since`."
     if not path.exists(): return []
     with open(path, "rb") as f: f.seek(since); text = f.read().decode("utf-8", "replace")
     return [float(v) for v in re.findall(rf"{name}\.\w+:([\d.]+)\|", text)]
 
+# %% ../nbs/06_benchmark.ipynb #832bb003
 def _worker_rss_mb(pid) -> list:
     return [round(p.memory_info().rss / 2**20) for p in psutil.Process(pid).children(recursive=True)
             if "model_service_worker" in " ".join(p.cmdline())]
@@ -214,6 +221,7 @@ def _loads(url, key, texts, concurrencies, seconds, workdir, breakdown=None) -> 
         rows.append({**row, **(breakdown(mark) if breakdown else {})})
     return rows
 
+# %% ../nbs/06_benchmark.ipynb #b12ec2cb
 def _breakdown(logs):
     "A function that marks the metric logs' sizes, or given a mark, gives the queue and handler p50 written since."
     def breakdown(mark=None):
@@ -264,12 +272,14 @@ def _distinct(precisions) -> list:
     "The precisions as training runs them, each once (`auto` is fp32 on a CPU without native bf16)."
     return list(dict.fromkeys(training_precision(p) for p in precisions))
 
+# %% ../nbs/06_benchmark.ipynb #b01d6fc8
 def training_speed(workdir=".", steps=8, batch_size=Train.batch_size, precisions=("fp32", "auto")) -> list:
     "Training samples/s per precision (dynamic padding), same reviews and steps, after a warm-up run that is not counted."
     padding_speed(workdir, steps=2, batch_size=batch_size, precision=precisions[0])     # first-run costs, not counted
     return [{"precision": p, "samples_per_s": round(padding_speed(workdir, steps=steps, batch_size=batch_size,
              precision=p), 2)} for p in _distinct(precisions)]
 
+# %% ../nbs/06_benchmark.ipynb #c95a075c
 def training_accuracy(workdir=".", precisions=("fp32", "auto")) -> list:
     "A whole training per precision (train()'s defaults) on the work directory's data: accuracy, macro-F1, samples/s."
     rows = []
@@ -282,6 +292,7 @@ def training_accuracy(workdir=".", precisions=("fp32", "auto")) -> list:
         rows.append({k: m[k] for k in ("precision", "eval_accuracy", "eval_macro_f1", "train_samples_per_second")})
     return rows
 
+# %% ../nbs/06_benchmark.ipynb #419a0990
 def padding_comparison(workdir=".", steps=6, batch_size=Train.batch_size, max_lengths=(Train.max_length, 256)) -> list:
     "Training samples/s with the article's max_length padding, dynamic padding, and dynamic padding grouped by length."
     rows = []
@@ -299,6 +310,7 @@ def run_times(workdir=".") -> dict:
     path = WorkDir(workdir).file(RUN_FILE)
     return json.loads(path.read_text()) if path.is_file() else {}
 
+# %% ../nbs/06_benchmark.ipynb #65a7659d
 def run_ratio(workdir, training, full=False) -> dict:
     "Seconds to the first prediction with auto and with fp32 on torch: measured (full) or estimated from run.json (quick)."
     recorded = run_times(workdir)
@@ -328,6 +340,7 @@ TARGETS = {"served_vs_best_ceiling_c16": (">=", 0.65), "vs_peer_c16": (">=", 1.0
 def _load(result, name, c):
     return next(r for r in result[name]["loads"] if r["concurrency"] == c)
 
+# %% ../nbs/06_benchmark.ipynb #fc7c2f43
 def ratios(result) -> dict:
     "The target ratios from one run's numbers, each with its target and whether it holds (None: not measured)."
     best = max(b["samples_per_s"] for r in result["ceiling"] for b in r["batches"])
@@ -395,6 +408,7 @@ def report_markdown(result) -> str:
               for k, v in result["ratios"].items()]
     return "\n".join(lines) + "\n"
 
+# %% ../nbs/06_benchmark.ipynb #3186948a
 def _describe(d) -> str:
     "A deployment in a few words: workers × threads, batch, delay, precision, runtime."
     if d["name"] == "peer":

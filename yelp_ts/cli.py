@@ -40,6 +40,7 @@ def _target(value):
     try: return int(value)
     except ValueError: raise argparse.ArgumentTypeError(f"{value!r}: give a number of stars (1-5) or 'stars'") from None
 
+# %% ../nbs/07_cli.ipynb #8a50b322
 def build_parser(command=None):
     "The `yelp-ts` parser; only `command` (None: every one) gets its settings' options."
     parser = argparse.ArgumentParser(prog="yelp-ts", description="Fine-tune a Transformers model on Yelp reviews and "
@@ -63,6 +64,7 @@ def _options(args) -> dict:
     "The settings' options given on the command line, by name."
     return {k: v for k, v in vars(args).items() if k not in ("command", "workdir", "preset", "texts", "target")}
 
+# %% ../nbs/07_cli.ipynb #60a7a92f
 def _settings(args) -> list:
     "The settings of the command's steps: the options given, over the preset's, over the defaults."
     return gather(COMMANDS[args.command][1], _options(args), getattr(args, "preset", DEFAULT_PRESET))
@@ -72,25 +74,30 @@ def cmd_data(args):
     from yelp_ts.data import make_data
     for split, path in make_data(args.workdir, **asdict(*_settings(args))).items(): print(f"{split}: {path}")
 
+# %% ../nbs/07_cli.ipynb #1e0a3e07
 def cmd_train(args):
     from yelp_ts.training import train
     metrics = train(args.workdir, **asdict(*_settings(args)))
     print(json.dumps({k: metrics[k] for k in ("eval_accuracy", "eval_macro_f1", "baseline_accuracy",
                                                "train_samples_per_second") if k in metrics}))
 
+# %% ../nbs/07_cli.ipynb #1c0bb154
 def cmd_archive(args):
     from yelp_ts.archive import build_archive
     archive, serving = _settings(args)
     print(build_archive(args.workdir, **asdict(archive), serving=serving))
 
+# %% ../nbs/07_cli.ipynb #f1a65ca3
 def cmd_serve(args):
     from yelp_ts.serving import serve
     print(json.dumps(serve(args.workdir, **asdict(*_settings(args)))))
 
+# %% ../nbs/07_cli.ipynb #e19145a7
 def cmd_predict(args):
     from yelp_ts.client import Client
     for answer in Client.from_workdir(args.workdir).predict(args.texts): print(json.dumps(answer))
 
+# %% ../nbs/07_cli.ipynb #2b14d944
 def cmd_explain(args):
     from yelp_ts.client import Client
     from yelp_ts.explain import terminal_view                # numpy, no torch: the views only
@@ -103,18 +110,22 @@ def cmd_status(args):
     from yelp_ts.serving import status
     print(json.dumps(status(args.workdir)))
 
+# %% ../nbs/07_cli.ipynb #2911ce0e
 def cmd_stop(args):
     from yelp_ts.serving import stop
     if not stop(args.workdir): print(f"no yelp-ts server is running in {WorkDir(args.workdir).shown}")
 
+# %% ../nbs/07_cli.ipynb #91493e38
 def cmd_debug(args):
     from yelp_ts.pipeline import debug
     print(json.dumps(debug(args.workdir, **_options(args))))
 
+# %% ../nbs/07_cli.ipynb #c625071a
 def cmd_bench(args):
     from yelp_ts import benchmark
     print(benchmark.report_markdown(benchmark.run_benchmark(args.workdir, **asdict(*_settings(args)))))
 
+# %% ../nbs/07_cli.ipynb #45ecb415
 def cmd_deploy(args):
     import yaml
     from yelp_ts import deploy

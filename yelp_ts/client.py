@@ -31,9 +31,11 @@ def read_keys(workdir=".") -> dict:
     except PermissionError:
         raise KeyRefusedError(f"cannot read {f} (mode 0600): run this as the user who started the server.") from None
 
+# %% ../nbs/05a_client.ipynb #81d3f7e0
 def _refused_key(r) -> bool:
     return r.status_code == 400 and "InvalidKeyException" in r.text
 
+# %% ../nbs/05a_client.ipynb #c0064995
 def _expired(entry) -> bool:
     "True when a key file entry's `expiration time` has passed."
     try: return datetime.fromisoformat(entry.get("expiration time", "").replace("Z", "+00:00")) <= datetime.now(timezone.utc)
@@ -111,11 +113,13 @@ def _json(r, what):
     if r.status_code != 200: raise ServerError(f"{what} answered {r.status_code}: {r.text[:500]}")
     return r.json()
 
+# %% ../nbs/05a_client.ipynb #429ea755
 @patch
 def ping(self: Client) -> dict:
     "TorchServe's health check (/ping on the inference API), e.g. {'status': 'Healthy'}."
     return _json(self._request("inference", "GET", "/ping"), "GET /ping")
 
+# %% ../nbs/05a_client.ipynb #8cd3c7e5
 @patch
 def describe(self: Client) -> list:
     "The management API's description of the served model: workers, batch size, delay, status."
@@ -138,10 +142,12 @@ def _post(self: Client, endpoint, body, content_type, backoff=0.5):
         raise BadInputError(f"TorchServe refused the review ({r.status_code}): {msg}")
     raise last
 
+# %% ../nbs/05a_client.ipynb #1ed9385e
 @patch
 def _predict_one(self: Client, text):
     return self._post("predictions", text.encode("utf-8") if isinstance(text, str) else text, "text/plain; charset=utf-8")
 
+# %% ../nbs/05a_client.ipynb #5519c8ff
 @patch
 def predict(self: Client, texts) -> list:
     "Stars of one review (str) or many (list): one `{label, stars, probabilities}` per text, in order."

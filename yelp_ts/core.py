@@ -60,11 +60,13 @@ def data(self: WorkDir) -> Path:
     "train.csv, validation.csv and info.json (`00_data`)."
     return self.root / "data"
 
+# %% ../nbs/00_core.ipynb #bcf4e597
 @patch
 def split(self: WorkDir, name) -> Path:
     "The CSV of the split `name` (train or validation)."
     return self.data / f"{name}.csv"
 
+# %% ../nbs/00_core.ipynb #06e5ed64
 @patch(as_prop=True)
 def model(self: WorkDir) -> Path:
     "The article's working folder: model, tokenizer, archive, and the server's files."
@@ -76,6 +78,7 @@ def model_store(self: WorkDir) -> Path:
     "The MAR archives TorchServe loads."
     return self.model / "model_store"
 
+# %% ../nbs/00_core.ipynb #7e700cd9
 @patch
 def mar(self: WorkDir, model_name=None) -> Path:
     "The model archive TorchServe serves as /predictions/`model_name`."
@@ -87,11 +90,13 @@ def logs(self: WorkDir) -> Path:
     "TorchServe's logs (ts_log.log, model_log.log, access_log.log, console.log)."
     return self.model / "logs"
 
+# %% ../nbs/00_core.ipynb #a0c98fe8
 @patch(as_prop=True)
 def tmp(self: WorkDir) -> Path:
     "The server's TMPDIR: unpacked archives, sockets and TorchServe's pid file."
     return self.model / "tmp"
 
+# %% ../nbs/00_core.ipynb #4209a345
 @patch(as_prop=True)
 def pid_file(self: WorkDir) -> Path:
     "The pid file `torchserve --stop` reads."
@@ -103,6 +108,7 @@ def file(self: WorkDir, name) -> Path:
     "The record `name` in torch_model/ (METRICS_FILE, KEY_FILE, SERVER_FILE, ...)."
     return self.model / name
 
+# %% ../nbs/00_core.ipynb #d592aa07
 @patch(as_prop=True)
 def bench(self: WorkDir) -> Path:
     "The benchmark's results and its deployments' work directories."
@@ -127,27 +133,35 @@ def api_path(model_name=None, api="predictions") -> str:
 class YelpTsError(Exception):
     "A problem the user can fix; the message says what went wrong and what to do next."
 
+# %% ../nbs/00_core.ipynb #7c5f7041
 class MissingError(YelpTsError, FileNotFoundError):
     "A step's input is missing: no data, no trained model, no archive, no torchserve."
 
+# %% ../nbs/00_core.ipynb #33c2bd49
 class BadInputError(YelpTsError, ValueError):
     "Input that cannot be used: a bad CSV row, an unknown option value, a review the server refused."
 
+# %% ../nbs/00_core.ipynb #8485cd37
 class OfflineError(YelpTsError, ConnectionError):
     "The Hugging Face Hub cannot be reached for something only it has."
 
+# %% ../nbs/00_core.ipynb #cc684110
 class NotRunningError(YelpTsError, ConnectionError):
     "No TorchServe is running (or answering) for this work directory or URL."
 
+# %% ../nbs/00_core.ipynb #c87fac01
 class KeyRefusedError(YelpTsError, PermissionError):
     "TorchServe refused the API key."
 
+# %% ../nbs/00_core.ipynb #fe0a39b7
 class ServerError(YelpTsError, RuntimeError):
     "TorchServe cannot start or serve: Java missing, a port in use, a corrupt archive, a model that does not load."
 
+# %% ../nbs/00_core.ipynb #bd77c0b6
 class ServerTimeoutError(YelpTsError, TimeoutError):
     "TorchServe did not become ready in time."
 
+# %% ../nbs/00_core.ipynb #273674a1
 class TrainingError(YelpTsError, RuntimeError):
     "A training process died and took the run down (out of memory, killed): the message says which and where the log is."
 
@@ -160,6 +174,7 @@ def read_server_record(workdir=".") -> dict | None:
     except PermissionError:
         raise NotRunningError(f"cannot read {path}: run this as the user who started the server.") from None
 
+# %% ../nbs/00_core.ipynb #04fa9b80
 def check_model_dir(workdir="."):
     "The model folder `workdir/torch_model`; `MissingError` listing what is missing if it is incomplete."
     d = WorkDir(workdir).model
@@ -180,6 +195,7 @@ def cpu_name() -> str:
             return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
     except OSError: return platform.processor() or platform.machine()
 
+# %% ../nbs/00_core.ipynb #ff90826e
 def package_version(name) -> str | None:
     "The installed version of the package `name`, or None."
     from importlib.metadata import PackageNotFoundError, version
@@ -200,6 +216,7 @@ def embedded_model_dir() -> Path:
 # %% ../nbs/00_core.ipynb #ac3badca
 def _truthy(value) -> bool: return str(value).strip().lower() in {"1", "true", "yes", "on"}
 
+# %% ../nbs/00_core.ipynb #f8b93b1d
 def _hub_unreachable_reason(timeout=3.0) -> str | None:
     "None when the Hub answers a TCP connect within `timeout` s, else why not."
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -216,10 +233,12 @@ def _hub_unreachable_reason(timeout=3.0) -> str | None:
     if not errors: return f"no answer from {host}:{port} within {timeout} s"
     return None if errors[0] is None else f"cannot connect to {host}:{port} ({errors[0]})"
 
+# %% ../nbs/00_core.ipynb #00ed24bb
 def hub_reachable(timeout=3.0) -> bool:
     "True when the Hugging Face Hub answers within `timeout` seconds (False at once when HF_HUB_OFFLINE=1)."
     return _hub_unreachable_reason(timeout) is None
 
+# %% ../nbs/00_core.ipynb #6e1bbc0b
 def require_hub(what: str, alternative: str):
     "Raise `OfflineError` within seconds, naming `alternative`, when the Hub cannot be reached for `what`."
     reason = _hub_unreachable_reason()

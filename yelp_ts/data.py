@@ -36,6 +36,7 @@ def yelp_review_full(n_train=Data.n_train, n_eval=Data.n_eval, seed=Data.seed):
 # %% ../nbs/00_data.ipynb #1087c392
 def _csv_error(path, row, problem): return BadInputError(f"{path}, row {row} (counting from 1 below the header): {problem}")
 
+# %% ../nbs/00_data.ipynb #1190bc40
 def read_reviews_csv(path) -> pd.DataFrame:
     "Reviews from a CSV with columns `label,text` (0-4) or `stars,text` (1-5), as (label, text)."
     path = Path(path)

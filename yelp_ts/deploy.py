@@ -50,6 +50,7 @@ server {
 def _probe(command, seconds):
     return {"exec": {"command": ["sh", "-c", command]}, "periodSeconds": seconds, "timeoutSeconds": 10, "failureThreshold": 3}
 
+# %% ../nbs/09_deploy.ipynb #4c94d994
 PREDICT_PROBE = ('curl -fsS -m 8 -H "Authorization: Bearer $YELP_TS_KEY" -H "Content-Type: text/plain" '
                  '-d "Good food." http://127.0.0.1:${GATE_PORT}' + api_path(MODEL_NAME))
 PING_PROBE = 'curl -fsS -m 8 -H "Authorization: Bearer $YELP_TS_KEY" http://127.0.0.1:${GATE_PORT}/ping'

@@ -35,6 +35,7 @@ def top_words(explanation, k=10) -> list:
     "The `k` words with the largest attributions (either sign), strongest first: [(word, attribution)]."
     return [(w["word"], w["attribution"]) for w in sorted(explanation["words"], key=lambda w: -abs(w["attribution"]))[:k]]
 
+# %% ../nbs/03b_explain.ipynb #5ff8b50c
 def plot_top_words(explanation, k=10):
     "A horizontal bar chart of the `k` strongest words: green up, red down."
     import matplotlib.pyplot as plt
@@ -66,6 +67,7 @@ def _without(text, spans) -> str:
         keep.append(text[at:start]); at = end
     return "".join(keep) + text[at:]
 
+# %% ../nbs/03b_explain.ipynb #4a3340f3
 def faithfulness(loaded, texts, k=5, seed=0, **explaining) -> dict:
     """Mean drop of the predicted class's probability when the `k` most positively attributed words are deleted,
     and when `k` random words are; per review too."""

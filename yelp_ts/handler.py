@@ -69,6 +69,7 @@ def request_text(request, content_type=""):
     if not body.strip(): raise ValueError(f"The review text is empty: {HOW_TO_SEND}.")
     return body
 
+# %% ../nbs/03_handler.ipynb #f0f5a414
 def request_target(request, content_type="", classes=5):
     "An explanation's `target`: 1-`classes` stars (as a class index), \"stars\", or None (the served class); else ValueError."
     body = _body(request, content_type)
@@ -90,6 +91,7 @@ def handler_settings(context) -> dict:
     if unknown: raise ValueError(f"unknown handler setting(s) {sorted(unknown)} in model-config.yaml: use {sorted(SETTINGS)}")
     return {k: SETTINGS[k](v) for k, v in given.items() if v is not None}
 
+# %% ../nbs/03_handler.ipynb #1b26adcf
 def load_for_worker(context):
     "The model of the unpacked MAR in `context`, and the explanations' options, as model-config.yaml sets them."
     settings, properties = handler_settings(context), context.system_properties
@@ -109,6 +111,7 @@ def content_type(context, idx) -> str:
     headers = (context.get_all_request_header(idx) or {}) if getattr(context, "request_processor", None) else {}
     return next((v for k, v in headers.items() if k.lower() == "content-type" and isinstance(v, str)), "").split(";")[0].strip().lower()
 
+# %% ../nbs/03_handler.ipynb #a53d47a5
 def read_request(context, idx, body, classes=5):
     "Request `idx` of the batch as {kind: predict | explain, text, target}, or the ValueError that refuses it."
     to_explain = bool(getattr(context, "request_processor", None)) and context.get_request_header(idx, "explain") == "True"
@@ -127,6 +130,7 @@ def answer_request(context, idx, output, labels) -> dict:
         return {"error": str(output)}
     return output if isinstance(output, dict) else to_answers(output[None], labels)[0]
 
+# %% ../nbs/03_handler.ipynb #2dab041b
 def log_batch(context, requests, seconds):
     "One log line per batch (counts, text sizes, time) and TorchServe's HandlerTime metric."
     good = [r for r in requests if isinstance(r, dict)]

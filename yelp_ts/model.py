@@ -92,6 +92,7 @@ def runs_natively(precision, device="cpu") -> bool:
     "Does `device` compute in `precision` natively (fast), rather than emulating it?"
     return PRECISIONS[precision].native(torch.device(device))
 
+# %% ../nbs/02a_model.ipynb #7e9adae4
 def native_precision(device="cpu") -> str:
     "What `auto` means on `device`: the first precision of the registry that is native there and `auto` may choose."
     device = torch.device(device)

@@ -30,6 +30,7 @@ from .model import load_model, probabilities, to_answers
 class Review(BaseModel):
     text: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
+# %% ../nbs/06a_peer.ipynb #f05bbe3f
 class YelpAPI(ls.LitAPI):
     "The yelp_ts model behind LitServe: one `probabilities` call per batch, answers shaped like the TorchServe handler's."
     def __init__(self, model_dir, key, precision="fp32", runtime="torch", threads=None, max_batch_size=16,
@@ -47,6 +48,7 @@ class YelpAPI(ls.LitAPI):
     def authorize(self, auth: HTTPAuthorizationCredentials = Depends(HTTPBearer())):
         if auth.credentials != self.key: raise HTTPException(status_code=401, detail="wrong key")
 
+# %% ../nbs/06a_peer.ipynb #8cbf44a5
 async def _bad_request(request: Request, error: RequestValidationError):
     return JSONResponse(status_code=400, content={"error": f"not a review: {error.errors()[0].get('msg')}"})
 
@@ -86,6 +88,7 @@ def start_peer(model_dir, port, key, timeout=180, **options):
     stop_peer(proc)
     raise NotRunningError(f"the peer did not answer within {timeout} s: see {log.name}")
 
+# %% ../nbs/06a_peer.ipynb #e4b76582
 def stop_peer(proc, timeout=30):
     "Stop the peer's whole process group (its API and inference workers too) and wait for it."
     if proc.poll() is None:

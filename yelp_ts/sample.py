@@ -27,7 +27,11 @@ BUSINESSES = {
         items=["a sinus infection", "my annual physical", "a sprained ankle", "back pain", "a rash that would not go away", "blood work"],
         purpose=["for my annual checkup", "about {item}", "for a follow-up visit", "as a new patient"],
         context=["I had been dealing with {item} for about two weeks.", "My insurance had just changed, so I was a new patient.",
-                 "The office is on the third floor of the medical building.", "They asked me to fill out a stack of forms at check-in."]),
+                 "The office is on the third floor of the medical building.", "They asked me to fill out a stack of forms at check-in."])
+}
+
+# %% ../nbs/00a_sample.ipynb #acfae89a
+BUSINESSES.update({
     "salon": dict(names=["Studio Nine Salon", "Shear Bliss", "The Color Bar", "Bella Nails", "Fade Masters Barbershop"],
         aspects=["my stylist", "the haircut", "the color", "the receptionist", "the price", "the wait", "the blowout", "the cleanliness of the place"],
         items=["a trim", "balayage", "a fade", "a gel manicure", "highlights", "a beard trim"],
@@ -46,7 +50,7 @@ BUSINESSES = {
         purpose=["for {item}", "after my car broke down", "for a routine inspection"],
         context=["My car had been making a grinding noise for a week.", "I dropped the car off first thing in the morning.",
                  "They called me around noon with an estimate.", "I needed {item} before a road trip."]),
-}
+})
 
 # %% ../nbs/00a_sample.ipynb #beee1840
 BUSINESSES.update({
@@ -61,7 +65,11 @@ BUSINESSES.update({
         items=["oat milk latte", "cold brew", "croissant", "chai", "blueberry muffin", "cortado"],
         purpose=["to get some work done", "for a morning coffee", "to meet a friend"],
         context=["I ordered a {item} and a {item2}.", "I stayed for about two hours working on my laptop.",
-                 "It gets packed with students in the afternoon.", "They roast their beans in the back."]),
+                 "It gets packed with students in the afternoon.", "They roast their beans in the back."])
+})
+
+# %% ../nbs/00a_sample.ipynb #45c37a14
+BUSINESSES.update({
     "gym": dict(names=["Iron Temple Gym", "FitLife Club", "CrossBox Studio", "Peak Climbing Gym", "Zen Yoga Loft"],
         aspects=["the equipment", "the trainers", "the locker rooms", "the classes", "the membership fee", "the front desk", "the crowds", "the cancellation process"],
         items=["a spin class", "personal training", "a yoga class", "the free trial week"],
@@ -138,9 +146,14 @@ VERDICTS = {
 
 # %% ../nbs/00a_sample.ipynb #d24048ef
 def _pick(rng, xs): return xs[rng.integers(len(xs))]
+
+# %% ../nbs/00a_sample.ipynb #a3b54356
 def _upper(s): return s[0].upper() + s[1:]
+
+# %% ../nbs/00a_sample.ipynb #65587a98
 def _lower(s): return s if re.match(r"I\b", s) else s[0].lower() + s[1:]
 
+# %% ../nbs/00a_sample.ipynb #78aa8bc6
 def judgement(rng, aspect: str, tone: int) -> str:
     "One clause (no final period) judging `aspect` with `tone` in -2..2."
     r = rng.random()
@@ -164,6 +177,7 @@ def _context(rng, kind, name):
                 purpose=_pick(rng, biz["purpose"]).replace("{item}", _pick(rng, biz["items"])))
     return _pick(rng, CONTEXT + biz["context"] * 2).format(**fill)
 
+# %% ../nbs/00a_sample.ipynb #5d31a1fd
 def _judgement_sentence(rng, aspects, tone_mean, spread):
     tone = lambda: int(np.clip(np.rint(rng.normal(tone_mean, spread)), -2, 2))
     if rng.random() < 0.25:

@@ -25,6 +25,7 @@ def _peak_mb() -> float:
     "Peak resident memory of this process so far, in MB."
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+# %% ../nbs/08_scale.ipynb #12f8bbe8
 def _step(name, workdir, n_train, model_workdir):
     "Run one step of the pipeline in this (fresh) process; its seconds and peak memory."
     start = time.perf_counter()
@@ -38,6 +39,7 @@ def _step(name, workdir, n_train, model_workdir):
     elif name == "archive": archive.build_archive(model_workdir, model_name="scale", precision="fp32", runtime="torch")
     return {"step": name, "rows": n_train, "seconds": round(time.perf_counter() - start, 2), "peak_mb": round(_peak_mb())}
 
+# %% ../nbs/08_scale.ipynb #8f7457ce
 STEPS = ("data", "tokenize", "baseline", "evaluate", "archive")
 
 def measure(workdir, n_train, model_workdir, steps=STEPS) -> list:

@@ -42,6 +42,7 @@ def java_version():
     major = int(m.group(1))
     return int(m.group(2) or 0) if major == 1 else major   # "1.8.0_x" is Java 8
 
+# %% ../nbs/05_serving.ipynb #bd417fb3
 def check_java(minimum=11):
     "Raise `ServerError` saying how to install Java when it is missing or older than `minimum`."
     v = java_version()
@@ -73,6 +74,7 @@ def port_free(port, host="127.0.0.1"):
         except OSError: return False
     return True
 
+# %% ../nbs/05_serving.ipynb #3d1f358f
 def _any_free_port(taken=()):
     "A port nothing listens on now and not in `taken` (ports the same server is about to bind: they are free too)."
     while True:
@@ -80,6 +82,7 @@ def _any_free_port(taken=()):
             s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
         if port not in set(taken): return port
 
+# %% ../nbs/05_serving.ipynb #1a1b58a4
 def free_ports(n=3) -> dict:
     "Ports for a server of its own: {'inference_port': p, 'management_port': p + 1, 'metrics_port': p + 2}, all free now."
     while True:
@@ -87,6 +90,7 @@ def free_ports(n=3) -> dict:
         if p + n < 65536 and all(port_free(p + i) for i in range(n)):
             return dict(zip(["inference_port", "management_port", "metrics_port"][:n], range(p, p + n)))
 
+# %% ../nbs/05_serving.ipynb #c01b79a1
 def check_ports(ports):
     "Raise `ServerError` naming the first port in `ports` ({api: port}) that is taken or given twice, and the flag to change it."
     seen = {}
@@ -135,6 +139,7 @@ def _proc(pid, workdir):
     ours = "org.pytorch.serve.ModelServer" in cmd and f"-Djava.io.tmpdir={WorkDir(workdir).tmp.resolve()}" in cmd
     return p if ours else None
 
+# %% ../nbs/05_serving.ipynb #221f8a2f
 def server_info(workdir="."):
     "The server record of `workdir` (server.json, or TorchServe's own pid file) if that server is alive, else None."
     info = read_server_record(workdir) or {}
@@ -152,6 +157,7 @@ def _torchserve():
         raise MissingError(f"no torchserve next to {sys.executable}: `pip install torchserve==0.12.0 torch-model-archiver==0.12.0`")
     return str(exe)
 
+# %% ../nbs/05_serving.ipynb #658b58ae
 def _server_env(workdir):
     "Environment for torchserve commands of `workdir`: its own TMPDIR/TEMP and log directory."
     w = WorkDir(WorkDir(workdir).root.resolve())
@@ -159,6 +165,7 @@ def _server_env(workdir):
     env.update(TMPDIR=str(w.tmp), TEMP=str(w.tmp), LOG_LOCATION=str(w.logs), METRICS_LOCATION=str(w.logs))
     return env
 
+# %% ../nbs/05_serving.ipynb #11c090cc
 def _launch(workdir, model_name, config):
     "Run `torchserve --start`; return the java frontend's pid."
     w = WorkDir(WorkDir(workdir).root.resolve())
@@ -189,6 +196,7 @@ def _log_tail(workdir=".", n=30, files=("model_log.log", "ts_log.log"), since=No
         parts.append(f"--- {f} (last {len(lines)} lines) ---\n" + "\n".join(lines))
     return "\n".join(parts) or f"(no logs in {logs})"
 
+# %% ../nbs/05_serving.ipynb #857c9bcd
 def _log_sizes(workdir):
     logs = WorkDir(workdir).logs
     return {f.name: f.stat().st_size for f in logs.glob("*.log")} if logs.exists() else {}
@@ -206,6 +214,7 @@ def _new_log_text(workdir, since, names):
             with open(f, "rb") as fh: fh.seek(since.get(name, 0)); text += fh.read().decode("utf-8", "replace")
     return text
 
+# %% ../nbs/05_serving.ipynb #c7671fca
 def _worker_error(workdir, since) -> str:
     "The last exception a model worker logged after the byte offsets `since` ('' when none)."
     errors = re.findall(r"MODEL_LOG - ([\w.]+(?:Error|Exception): .*)", _new_log_text(workdir, since, ("model_log.log",)))
@@ -221,6 +230,7 @@ def _startup_problem(workdir, since):
     if text.count("Backend worker process died") >= 3: return f"the model's worker keeps dying{cause}"
     return None
 
+# %% ../nbs/05_serving.ipynb #43b56765
 def _exit_reason(workdir, since):
     "Why the frontend exited during start-up, from what Java wrote to console.log (a port taken, an exception), or ''."
     text = _new_log_text(workdir, since, ("console.log",))
@@ -278,6 +288,24 @@ def _wait_ready(workdir, pid, model_name, timeout, progress, since, tries=3):
     finally:
         bar.close()
 
+# %% ../nbs/05_serving.ipynb #6bc81f93
+def _check_can_start(w):
+    "A `ServerError` when a TorchServe of work directory `w` is already running; a `ServerError` without Java 11+."
+    running = server_info(w)
+    if running:
+        raise ServerError(f"TorchServe is already running for {w.shown} (pid {running['pid']}): use it, or stop "
+                          f"it first with `yelp-ts stop --workdir {w.shown}`.")
+    check_java()
+
+# %% ../nbs/05_serving.ipynb #cff659b0
+def _server_record(w, pid, model_name, ports, mar) -> dict:
+    "What server.json says of a server just started: pid, ports, urls, the MAR's model-config and the start time."
+    return dict(pid=pid, model_name=model_name, ports=ports, workdir=w.shown,
+                urls={"inference": f"http://127.0.0.1:{ports['inference']}{api_path(model_name)}",
+                      "management": f"http://127.0.0.1:{ports['management']}/models/{model_name}",
+                      "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics"},
+                model_config=mar_model_config(mar), started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
 # %% ../nbs/05_serving.ipynb #c00a9c08
 def serve(workdir=".", model_name=Server.model_name, inference_port=Server.inference_port,
           management_port=Server.management_port, metrics_port=Server.metrics_port, timeout=Server.timeout,
@@ -287,11 +315,7 @@ def serve(workdir=".", model_name=Server.model_name, inference_port=Server.infer
     """Start TorchServe for `workdir` in the background; return when the model answers: pid, ports, urls. The gRPC ports
     are free ones unless given."""
     w = WorkDir(workdir)
-    running = server_info(w)
-    if running:
-        raise ServerError(f"TorchServe is already running for {w.shown} (pid {running['pid']}): use it, or stop "
-                          f"it first with `yelp-ts stop --workdir {w.shown}`.")
-    check_java()
+    _check_can_start(w)
     mar = check_mar(w, model_name)
     ports = dict(inference=inference_port, management=management_port, metrics=metrics_port,
                  grpc_inference=grpc_inference_port, grpc_management=grpc_management_port)
@@ -300,11 +324,7 @@ def serve(workdir=".", model_name=Server.model_name, inference_port=Server.infer
     config = write_config(w, ports, netty_threads, netty_client_threads, job_queue_size, cpu_launcher, key_minutes)
     since = _log_sizes(w)
     pid = _launch(w, model_name, config)
-    info = dict(pid=pid, model_name=model_name, ports=ports, workdir=w.shown,
-                urls={"inference": f"http://127.0.0.1:{inference_port}{api_path(model_name)}",
-                      "management": f"http://127.0.0.1:{management_port}/models/{model_name}",
-                      "metrics": f"http://127.0.0.1:{metrics_port}/metrics"},
-                model_config=mar_model_config(mar), started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    info = _server_record(w, pid, model_name, ports, mar)
     w.file(SERVER_FILE).write_text(json.dumps(info, indent=1))
     try:
         info["ready_seconds"] = round(_wait_ready(w, pid, model_name, timeout, progress, since), 1)
@@ -325,6 +345,7 @@ def _in_force(workdir) -> str | None:
     lines = re.findall(r"Loaded \d+ labels on .*", log.read_text(errors="replace")) if log.exists() else []
     return lines[-1] if lines else None
 
+# %% ../nbs/05_serving.ipynb #bb653705
 def status(workdir="."):
     "Is the server of `workdir` running? pid, ports, urls, what it serves (model-config, in force), health and workers."
     info = server_info(workdir)
@@ -345,6 +366,7 @@ def _forget(workdir):
     w = WorkDir(workdir)
     for f in (w.file(SERVER_FILE), w.file(KEY_FILE), w.pid_file): f.unlink(missing_ok=True)
 
+# %% ../nbs/05_serving.ipynb #5c25461a
 def stop(workdir=".", timeout=60):
     "Stop the TorchServe of `workdir` and wait for its processes to exit; False when none was running."
     w = WorkDir(workdir)

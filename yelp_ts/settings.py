@@ -151,12 +151,14 @@ def _parse(f):
     "How the command line reads field `f`: its `parse`, else its type (the one that is not None)."
     return f.metadata["parse"] or next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
 
+# %% ../nbs/00b_settings.ipynb #c28ce488
 def _choices(f):
     "The values `f` may take: its own choices, or `auto` and the names of the model registry it comes from."
     if not f.metadata["registry"]: return f.metadata["choices"]
     from yelp_ts import model                              # torch: only for the commands that load a model anyway
     return ["auto", *getattr(model, f.metadata["registry"])]
 
+# %% ../nbs/00b_settings.ipynb #04ad7eea
 def add_options(parser, step):
     "One `--option` per field of the settings dataclass `step`, its help showing the default in force."
     for f in fields(step):

@@ -122,6 +122,7 @@ def training_device() -> str:
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
 
+# %% ../nbs/02_training.ipynb #7a26381d
 def training_precision(precision=Train.precision) -> str:
     "The precision training runs in: `auto` is the device's native one, as when serving; one it cannot train in is refused."
     try: name = resolve(precision, "torch", training_device())[0]
@@ -132,10 +133,12 @@ def training_precision(precision=Train.precision) -> str:
                             f"those, then archive with `yelp-ts archive --precision {name}`.")
     return name
 
+# %% ../nbs/02_training.ipynb #4d6f1b72
 def world_size() -> int:
     "How many processes train together (torchrun sets WORLD_SIZE; 1 when run alone)."
     return int(os.environ.get("WORLD_SIZE", "1"))
 
+# %% ../nbs/02_training.ipynb #4de36cfb
 def training_args(output_dir, epochs=Train.epochs, learning_rate=Train.learning_rate, batch_size=Train.batch_size,
                   seed=Train.seed, logging_steps=10, precision=Train.precision, **kwargs):
     """TrainingArguments for fine-tuning: evaluate each epoch, log every `logging_steps`, no checkpoints. `batch_size` is
@@ -163,6 +166,7 @@ def load_base_model(model=Train.model, seed=Train.seed):
             resolve_model(model), num_labels=len(LABEL_NAMES),
             id2label=dict(enumerate(LABEL_NAMES)), label2id={n: i for i, n in enumerate(LABEL_NAMES)})
 
+# %% ../nbs/02_training.ipynb #77b0663f
 def make_trainer(model, tokenizer, tokenized, args, callbacks=None):
     "A `Trainer` padding each batch, with accuracy/macro-F1 and (default) the step callback."
     trainer = Trainer(model=model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
@@ -176,6 +180,7 @@ class _StepTimes(TrainerCallback):
     def __init__(self): self.times = []
     def on_step_end(self, args, state, control, **kwargs): self.times.append(time.perf_counter())
 
+# %% ../nbs/02_training.ipynb #c0d16329
 def padding_speed(workdir=".", model=Train.model, padding=Train.padding, steps=6, batch_size=Train.batch_size,
                   max_length=Train.max_length, seed=Train.seed, group_by_length=False, precision=Train.precision) -> float:
     """Training samples/s over `steps` steps (the first not counted) with this padding, on the first train reviews.
@@ -224,20 +229,25 @@ def _metrics(trainer, result, dataset, workdir, **recipe) -> dict:
             "baseline_macro_f1": baseline["macro_f1"], "baseline_train_rows": baseline["train_rows"],
             "data": _data_info(dataset, workdir), **recipe, "device": training_device()}
 
+# %% ../nbs/02_training.ipynb #e1519e28
+def _checked_world(padding, batch_size) -> int:
+    "The number of training processes, once `padding` is known and the global `batch_size` divides among them."
+    if padding not in PADDINGS: raise BadInputError(f"padding={padding!r} is not one of {PADDINGS}.")
+    world = world_size()
+    if batch_size % world: raise BadInputError(f"batch_size={batch_size} (the global batch) does not divide among {world} processes.")
+    return world
+
 # %% ../nbs/02_training.ipynb #a95946e7
 def train(workdir=".", model=Train.model, epochs=Train.epochs, learning_rate=Train.learning_rate,
           batch_size=Train.batch_size, max_length=Train.max_length, padding=Train.padding, seed=Train.seed,
           precision=Train.precision, nproc=Train.nproc, nnodes=Train.nnodes, node_rank=Train.node_rank,
           rdzv_endpoint=Train.rdzv_endpoint) -> dict:
     """Fine-tune `model` on W/data, save it to W/torch_model/ with metrics.json; return the metrics. `batch_size` is the
-    global batch. With `nproc` > 1 (or more than one machine: `nnodes`, `node_rank`, `rdzv_endpoint`) the same training
-    runs in that many processes per machine, launched by torchrun (`train_in_processes`)."""
+    global batch: with `nproc` > 1 or `nnodes` > 1, torchrun runs it in that many processes (`train_in_processes`)."""
     recipe = dict(model=model, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, max_length=max_length,
                   padding=padding, seed=seed, precision=precision)
     if nproc > 1 or nnodes > 1: return train_in_processes(workdir, nproc, nnodes, node_rank, rdzv_endpoint, **recipe)
-    if padding not in PADDINGS: raise BadInputError(f"padding={padding!r} is not one of {PADDINGS}.")
-    world = world_size()
-    if batch_size % world: raise BadInputError(f"batch_size={batch_size} (the global batch) does not divide among {world} processes.")
+    world = _checked_world(padding, batch_size)
     base, precision = resolve_model(model), training_precision(precision)      # fails fast: bad dir, Hub offline
     dataset, tokenizer = load_data(workdir), AutoTokenizer.from_pretrained(base)
     steps = int(np.ceil(len(dataset["train"]) / batch_size) * epochs)
@@ -271,6 +281,7 @@ def train_in_processes(workdir=".", nproc=2, nnodes=1, node_rank=0, rdzv_endpoin
                             "Its traceback is printed above.")
     return json.loads(WorkDir(workdir).file(METRICS_FILE).read_text()) if node_rank == 0 else {}
 
+# %% ../nbs/02_training.ipynb #fe94ed22
 def _main():
     "`python -m yelp_ts.training '{json options}'`: one process of `train_in_processes`."
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
