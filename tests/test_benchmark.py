@@ -14,7 +14,7 @@ def test_quick_benchmark_report(trained_workdir, tmp_path):
     "The benchmark notebook under papermill, quick mode on tiny loads: it runs, and its report has every part."
     wd = link_model(trained_workdir, tmp_path / "wd")
     (wd / "data").symlink_to(trained_workdir / "data")
-    run_notebook("06_benchmark", tmp_path / "executed", workdir=str(wd), quick=True, seconds=0.3, load_seconds=1,
+    run_notebook("beyond_3_benchmark", tmp_path / "executed", workdir=str(wd), quick=True, seconds=0.3, load_seconds=1,
                  training_steps=2)
     out = wd / "bench"
     result = json.loads((out / "results.json").read_text())
@@ -57,8 +57,8 @@ def test_quick_benchmark_report(trained_workdir, tmp_path):
 
 @pytest.mark.notebook
 def test_peer_notebook_serves_the_same_answers(trained_workdir, tmp_path):
-    "06a_peer under papermill: LitServe starts, answers like the handler, refuses bad input and wrong keys, and stops."
-    run_notebook("06a_peer", tmp_path / "executed", workdir=str(trained_workdir))
+    "beyond_4_peer under papermill: LitServe starts, answers like the handler, refuses bad input and wrong keys, and stops."
+    run_notebook("beyond_4_peer", tmp_path / "executed", workdir=str(trained_workdir))
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ def yelp_ts(*args, timeout=900):
 
 @pytest.mark.notebook
 def test_cli_notebook_runs(tmp_path):
-    run_notebook("07_cli", tmp_path / "executed", workdir=str(tmp_path / "wd"))
+    run_notebook("beyond_5_cli", tmp_path / "executed", workdir=str(tmp_path / "wd"))
     assert (tmp_path / "wd" / "data" / "train.csv").exists()
 
 

@@ -118,4 +118,4 @@ def test_the_pod_command_serves_behind_its_gate(manifests, tmp_path):
 @pytest.mark.notebook
 def test_deploy_notebook_runs(manifests, tmp_path):
     from conftest import run_notebook
-    run_notebook("09_deploy", tmp_path / "executed", workdir=str(manifests[0]))
+    run_notebook("beyond_7_deploy", tmp_path / "executed", workdir=str(manifests[0]))

@@ -79,7 +79,7 @@ def test_a_mixed_batch_answers_each_request_in_order(trained_workdir, loaded):
 
 @pytest.mark.notebook
 def test_notebook_runs(trained_workdir, tmp_path):
-    run_notebook("03b_explain", tmp_path, workdir=str(trained_workdir), n_faithful=8)
+    run_notebook("beyond_2_explain", tmp_path, workdir=str(trained_workdir), n_faithful=8)
 
 
 def test_a_distilbert_model_is_explained_too(tmp_path):

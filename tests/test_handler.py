@@ -183,7 +183,7 @@ def test_notebook_runs(untrained_model_workdir, tmp_path):
 
 @pytest.mark.notebook
 def test_worker_notebook_runs(untrained_model_workdir, tmp_path):
-    run_notebook("03a_worker", tmp_path, workdir=str(untrained_model_workdir))
+    run_notebook("ref_worker", tmp_path, workdir=str(untrained_model_workdir))
 
 
 def test_handler_serves_the_precision_and_runtime_of_its_settings(model_dir, caplog):

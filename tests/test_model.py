@@ -149,4 +149,4 @@ def test_explanations_explain_the_stars_that_were_served(tied_model_workdir):
 @pytest.mark.notebook
 def test_notebook_runs(untrained_model_workdir, tmp_path):
     from conftest import run_notebook
-    run_notebook("02a_model", tmp_path, workdir=str(untrained_model_workdir))
+    run_notebook("beyond_1_model", tmp_path, workdir=str(untrained_model_workdir))

@@ -32,7 +32,7 @@ def test_notebooks_are_clean_and_runnable():
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
         assert all(c.get("execution_count") is None for c in code), f"{path.name} is not cleaned (nbdev_clean)"
         tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
-        expected = 0 if path.name in ("00_core.ipynb", "00b_settings.ipynb") else 1   # facts and declarations: nothing to set
+        expected = 0 if path.name in ("ref_core.ipynb", "ref_settings.ipynb") else 1   # facts and declarations: nothing to set
         assert len(tagged) == expected, f"{path.name} needs {expected} cell(s) tagged `parameters`"
 
 

@@ -42,13 +42,13 @@ def test_concepts_notebook_runs(tmp_path):
 
 def test_core_and_settings_notebooks_run(tmp_path):
     "The two notebooks of facts and declarations run in seconds: the fast tier runs them."
-    run_notebook("00_core", tmp_path / "executed")
-    run_notebook("00b_settings", tmp_path / "executed")
+    run_notebook("ref_core", tmp_path / "executed")
+    run_notebook("ref_settings", tmp_path / "executed")
 
 
 @pytest.mark.notebook
 def test_sample_notebook_runs(tmp_path):
-    executed = run_notebook("00a_sample", tmp_path / "executed", seed=7)
+    executed = run_notebook("ref_sample", tmp_path / "executed", seed=7)
     nb = json.loads(executed.read_text())
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs), "the length histogram is missing"

@@ -41,7 +41,7 @@ def test_a_process_that_dies_takes_the_run_down_with_a_clear_error(tmp_path):
 def test_scale_notebook_runs(trained_workdir, tmp_path):
     """Every step at two sizes; training in one process, in two (torchrun: accuracy within the noise, the same loss,
     the model serves) and from the notebook (Accelerate); only the first process wrote the model and its records."""
-    run_notebook("08_scale", tmp_path / "executed", workdir=str(tmp_path / "wd"), model_workdir=str(trained_workdir),
+    run_notebook("beyond_6_scale", tmp_path / "executed", workdir=str(tmp_path / "wd"), model_workdir=str(trained_workdir),
                  sizes=[200, 600], n_train=128, n_eval=60, epochs=1)
     for run in ("two", "launcher"):
         wd = tmp_path / "wd" / "processes" / run
