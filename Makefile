@@ -39,11 +39,12 @@ article: venv
 	start=$$(date +%s); cd nbs && $(BIN)/papermill --cwd . article_$(ARTICLE).ipynb ../walkthrough/article_$(ARTICLE).out.ipynb \
 	  && echo "the article ran in $$(( $$(date +%s) - start )) s (walkthrough/article_$(ARTICLE).out.ipynb)"
 
-# the site of the executed notebooks (mkdocs-material + mkdocs-jupyter) in site/: the notebook tier of the tests runs
-# every notebook with its small parameters and keeps the executed copies in _executed/, which the pages show
+# the site of the executed notebooks (mkdocs-material + mkdocs-jupyter) in site/: the notebook and browser tiers of the
+# tests run every notebook with its small parameters and keep in _executed/ the executed copies (which the pages show),
+# how long each took and on what CPU (NAME.run.json), and the browser test's screenshot of the live demo (demo.png)
 docs: venv
 	rm -rf _executed && mkdir -p _executed
-	YELP_TS_EXECUTED=$(CURDIR)/_executed $(BIN)/pytest -m notebook -p no:randomly -q
+	YELP_TS_EXECUTED=$(CURDIR)/_executed $(BIN)/pytest -m "notebook or browser" -p no:randomly -q
 	$(BIN)/python docs/build_site.py --executed _executed --out site
 
 test: venv

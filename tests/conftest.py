@@ -4,6 +4,7 @@ Tiers (markers): `training` fine-tunes a model, `torchserve` starts a real serve
 the pod's nginx gate), `browser` drives Chromium, `notebook` runs a notebook under papermill, `slow` is a long load.
 A test that uses a fixture which trains or serves gets that marker here; the others are marked where they are
 defined. `make test-quick` runs what has none of them; `make test` (CI) runs everything."""
+import json
 import socket
 import os
 import shutil
@@ -13,7 +14,7 @@ import papermill as pm
 import pytest
 import torch
 
-from yelp_ts.core import MAX_LENGTH, WorkDir
+from yelp_ts.core import MAX_LENGTH, WorkDir, cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 NBS = REPO / "nbs"
@@ -43,8 +44,20 @@ def run_notebook(name, out_dir, **parameters):
                         cwd=str(NBS), kernel_name="python3", progress_bar=False,
                         execution_timeout=900)
     if os.environ.get("YELP_TS_EXECUTED"):                   # `make docs`: the site shows the copies the tests ran
-        shutil.copy(out, Path(os.environ["YELP_TS_EXECUTED"]) / out.name)
+        keep = Path(os.environ["YELP_TS_EXECUTED"])
+        shutil.copy(out, keep / out.name)
+        (keep / f"{name}.run.json").write_text(json.dumps(run_record(out)))   # how long it took, where: the page says
     return out
+
+
+def run_record(executed) -> dict:
+    "What the site says of one executed notebook: papermill's duration and parameters, the CPU, cores, the date."
+    meta = json.loads(Path(executed).read_text())["metadata"]["papermill"]
+    flags = set(next((l.split(":", 1)[1].split() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                      if l.startswith("flags")), [])) if Path("/proc/cpuinfo").exists() else set()
+    return {"seconds": round(meta["duration"], 1), "parameters": meta["parameters"], "cpu": cpu_name(),
+            "cpu_features": sorted(flags & {"amx_bf16", "avx512_bf16", "avx512f", "avx2"}), "cores": os.cpu_count(),
+            "date": meta.get("end_time", "")[:10]}
 
 
 def link_model(src_workdir, dst_workdir):

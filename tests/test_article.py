@@ -9,7 +9,7 @@ import sys
 import papermill as pm
 import pytest
 
-from conftest import NBS, REPO, run_notebook
+from conftest import NBS, REPO, run_notebook, run_record
 from yelp_ts import serving
 
 LANGS = ("ko", "en")
@@ -134,7 +134,13 @@ def test_the_site_shows_every_notebook_links_the_languages_and_its_plots_load(ex
     chromium = shutil.which("chromium")
     if not chromium: pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
     sys.path.insert(0, str(REPO / "docs"))
-    import build_site
+    import base64, build_site
+    for lang in LANGS:   # what `make docs` keeps beside each executed copy: its time, parameters and CPU
+        (executed / f"article_{lang}.run.json").write_text(json.dumps(run_record(executed / f"article_{lang}.out.ipynb")))
+    # the picture of the demo: `make docs` keeps the browser test's screenshot; here the walkthrough's own plot stands in
+    plot = next(o["data"]["image/png"] for c in json.loads((executed / "article_en.out.ipynb").read_text())["cells"]
+                for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
+    (executed / "demo.png").write_bytes(base64.b64decode(plot))
     shown = build_site.build(executed, tmp_path / "site")
     assert set(shown) == {p.stem for p in NBS.glob("*.ipynb")} and shown["article_ko"] and shown["article_en"]
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
@@ -151,9 +157,14 @@ def test_the_site_shows_every_notebook_links_the_languages_and_its_plots_load(ex
                 assert page.locator(".jp-Notebook, .jupyter-wrapper").count() > 0, f"{url} shows no notebook"
                 hrefs = page.eval_on_selector_all("a[href]", "els => els.map(e => e.getAttribute('href'))")
                 links[name] = {urljoin(url, h).split("#")[0] for h in hrefs if not urlparse(h).scheme}
-                if name.startswith("article_"):
+                if name.startswith("article_") or name in ("05_serving", "05b_demo"):   # plots; the demo's picture
                     images = page.eval_on_selector_all(".jp-OutputArea-output img", "els => els.map(i => i.complete && i.naturalWidth > 0)")
                     assert images and all(images), f"{url}: the plots do not load ({images})"
+                if name.startswith("article_"):
+                    assert page.get_by_text("executed: it ran in").count() > 0, \
+                        f"{url} does not say how long its run took"
+                if name in ("05_serving", "05b_demo"):
+                    assert page.get_by_text("as the browser test saw it").count() == 1, f"{url}: no caption under the demo's picture"
             browser.close()
         assert f"{root}article_en/" in links["article_ko"] and f"{root}article_ko/" in links["article_en"]
         broken = sorted({(name, link) for name, found in links.items() for link in found

@@ -169,3 +169,9 @@ def test_run_all_in_05_serving_then_the_demo_answers(lab, page, reader_repo):
     page.locator(".widget-button", has_text="Predict stars").last.click()
     page.locator(".widget-output img").last.wait_for(timeout=60_000)   # the chart of the server's answer
     assert serving.status(reader_repo)["running"]                # Run All leaves the server to the demo
+    # the site's picture of the demo (`make docs` keeps it beside the executed notebooks): the whole widget, answered
+    widget = box.locator("xpath=ancestor::div[contains(concat(' ', @class, ' '), ' widget-vbox ')][1]")
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = widget.screenshot(path=str(ARTIFACTS / "demo.png"), animations="disabled")
+    assert shot[:8] == b"\x89PNG\r\n\x1a\n" and widget.bounding_box()["height"] > 150, "the demo's picture is not the answered widget"
+    if os.environ.get("YELP_TS_EXECUTED"): (Path(os.environ["YELP_TS_EXECUTED"]) / "demo.png").write_bytes(shot)
