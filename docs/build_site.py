@@ -95,6 +95,7 @@ def copy_notebook(name, executed, docs, run=None):
 
 def build(executed=None, out=REPO / "site") -> dict:
     "Write the site to `out`; return {page: True if it shows executed outputs}."
+    out = Path(out).resolve()   # mkdocs runs in the work folder: a relative `out` (the Makefile's `site`) must not move with it
     work = out.parent / f".{out.name}-src"
     shutil.rmtree(work, ignore_errors=True)
     docs = work / "docs"; docs.mkdir(parents=True)

@@ -142,35 +142,24 @@ def log_batch(context, requests, seconds):
 # %% ../nbs/03_handler.ipynb #bc77490a
 class TransformersClassifierHandler(BaseHandler):
     "Reviews in, stars and probabilities out (word attributions at /explanations); a 400 for each bad request."
-
     def initialize(self, context):
         "Load the model from the unpacked MAR, with the settings of model-config.yaml's `handler:` section."
         self.loaded, self.explain_options = load_for_worker(context)
         self.gradients, self.manifest, self.initialized = None, context.manifest, True
-
     def preprocess(self, data):
         "Bodies → one request each: {kind, text, target}, or the ValueError that refuses it."
         return [read_request(self.context, idx, body, len(self.loaded.labels)) for idx, body in enumerate(data)]
-
     def inference(self, requests):
         "Requests → per request its probabilities (one batch for all predictions), its explanation, or its refusal."
         rows = iter(probabilities(self.loaded, [r["text"] for r in requests if isinstance(r, dict) and r["kind"] == "predict"]))
-        outputs = []
-        for r in requests:
-            if isinstance(r, ValueError): outputs.append(r)
-            elif r["kind"] == "predict": outputs.append(next(rows))
-            else: outputs.append(self.attributions(r))
-        return outputs
-
+        return [r if isinstance(r, ValueError) else next(rows) if r["kind"] == "predict" else self.attributions(r) for r in requests]
     def attributions(self, request):
         "The explanation of one request; the fp32 model for gradients is loaded on the first explanation."
         if self.gradients is None: self.gradients = fp32_torch(self.loaded)
         return explain(self.loaded, [request["text"]], [request["target"]], gradients=self.gradients, **self.explain_options)[0]
-
     def postprocess(self, outputs):
         "Per request its JSON answer, in order."
         return [answer_request(self.context, idx, out, self.loaded.labels) for idx, out in enumerate(outputs)]
-
     def handle(self, data, context):
         "preprocess → inference → postprocess for one batch, each request routed on its own."
         self.context, start = context, time.perf_counter()
