@@ -85,10 +85,10 @@ def copy_notebook(name, executed, docs, run=None):
     if name == "index" and (timed := runs(executed)):
         rows = "\n".join(f"| [{n}]({n}.ipynb) | {r['seconds']:.0f} s |" for n, r in timed.items())
         r = next(iter(timed.values()))
-        nb["cells"].append(markdown(f"## How long each notebook took in this build\nEach page below is a copy the tests executed "
-                                    f"with small parameters (`make docs`), on {r['cores']} cores of an {r['cpu']} on {r['date']}; "
-                                    f"each page names its parameters.\n\n| notebook | ran in |\n|---|---|\n{rows}"))
-        for cell in nb["cells"][-1:]: cell["source"] = LINK.sub(lambda m: page_link(m[1], m[2], name), cell["source"])
+        table = (f"## How long each notebook took in this build\nEach page below is a copy the tests executed with small "
+                 f"parameters (`make docs`), on {r['cores']} cores of an {r['cpu']} on {r['date']}; each page names its "
+                 f"parameters.\n\n| notebook | ran in |\n|---|---|\n{rows}")
+        nb["cells"].append(markdown(LINK.sub(lambda m: page_link(m[1], m[2], name), table)))
     (docs / f"{name}.ipynb").write_text(json.dumps(nb))
     return source is not None and source.is_file()
 

@@ -14,7 +14,7 @@ import papermill as pm
 import pytest
 import torch
 
-from yelp_ts.core import MAX_LENGTH, WorkDir, cpu_name
+from yelp_ts.core import MAX_LENGTH, WorkDir
 
 REPO = Path(__file__).resolve().parents[1]
 NBS = REPO / "nbs"
@@ -52,12 +52,10 @@ def run_notebook(name, out_dir, **parameters):
 
 def run_record(executed) -> dict:
     "What the site says of one executed notebook: papermill's duration and parameters, the CPU, cores, the date."
-    meta = json.loads(Path(executed).read_text())["metadata"]["papermill"]
-    flags = set(next((l.split(":", 1)[1].split() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                      if l.startswith("flags")), [])) if Path("/proc/cpuinfo").exists() else set()
-    return {"seconds": round(meta["duration"], 1), "parameters": meta["parameters"], "cpu": cpu_name(),
-            "cpu_features": sorted(flags & {"amx_bf16", "avx512_bf16", "avx512f", "avx2"}), "cores": os.cpu_count(),
-            "date": meta.get("end_time", "")[:10]}
+    from yelp_ts.benchmark import machine_info                  # the benchmark's own account of the machine
+    meta, machine = json.loads(Path(executed).read_text())["metadata"]["papermill"], machine_info()
+    return {"seconds": round(meta["duration"], 1), "parameters": meta["parameters"], "cpu": machine["cpu"],
+            "cpu_features": machine["bf16_flags"], "cores": machine["cores"], "date": meta.get("end_time", "")[:10]}
 
 
 def link_model(src_workdir, dst_workdir):
