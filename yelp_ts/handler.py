@@ -99,9 +99,9 @@ def load_for_worker(context):
     device = f"cuda:{gpu}" if torch.cuda.is_available() and gpu is not None else "cpu"
     loaded = load_model(properties["model_dir"], device, settings.get("precision", "fp32"), settings.get("runtime", "torch"),
                         settings.get("max_length"), settings.get("torch_threads"))
-    logger.info("Loaded %d labels on %s in %.1f s: precision=%s runtime=%s (in force: %s), max_length=%d, threads=%s",
+    logger.info("Loaded %d labels on %s in %.1f s: precision=%s runtime=%s (in force: %s), max_length=%d (%s), threads=%s",
                 len(loaded.labels), device, loaded.load_seconds, loaded.precision, loaded.runtime, loaded.in_force,
-                loaded.max_length, loaded.threads or torch.get_num_threads())
+                loaded.max_length, loaded.truncation, loaded.threads or torch.get_num_threads())
     names = {"explain_steps": "steps", "explain_batch": "internal_batch_size"}
     return loaded, {arg: settings[key] for key, arg in names.items() if key in settings}
 

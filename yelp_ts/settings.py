@@ -47,6 +47,8 @@ class Train:
     learning_rate: float = setting(1.5e-4, "peak learning rate")
     batch_size: int = setting(16, "training batch size (of all processes together)")
     max_length: int = setting(MAX_LENGTH, "tokens per review in training and serving (longer ones are cut)")
+    truncation: str = setting("head+tail", "how a longer review is cut: head+tail (a quarter of its tokens from the start, the "
+                                           "rest from the end) | head | tail; saved with the model", registry="TRUNCATIONS")
     padding: str = setting("dynamic", "dynamic (pad each batch to its longest review) | max_length (the article)",
                            choices=PADDINGS)
     seed: int = setting(SEED, "the seed of the shuffle, the sample and training")
@@ -153,10 +155,10 @@ def _parse(f):
 
 # %% ../nbs/ref_settings.ipynb #c28ce488
 def _choices(f):
-    "The values `f` may take: its own choices, or `auto` and the names of the model registry it comes from."
+    "The values `f` may take: its own choices, or the names of the model registry it comes from (and `auto` if that is its default)."
     if not f.metadata["registry"]: return f.metadata["choices"]
     from yelp_ts import model                              # torch: only for the commands that load a model anyway
-    return ["auto", *getattr(model, f.metadata["registry"])]
+    return ["auto"] * (f.default == "auto") + list(getattr(model, f.metadata["registry"]))
 
 # %% ../nbs/ref_settings.ipynb #04ad7eea
 def add_options(parser, step):

@@ -56,15 +56,17 @@ def resolve_model(model=Train.model) -> str:
         return str(Path(cached).parent)
 
 # %% ../nbs/02_training.ipynb #67338610
-def tokenize(dataset, tokenizer, max_length=Train.max_length, padding=Train.padding, num_proc=None):
-    """`dataset` (a DatasetDict of label, text) tokenized: unpadded for `dynamic`, padded to `max_length` like the article.
+def tokenize(dataset, tokenizer, max_length=Train.max_length, padding=Train.padding, num_proc=None,
+             truncation=Train.truncation):
+    """`dataset` (a DatasetDict of label, text) cut by the rule `truncation` and tokenized: unpadded for `dynamic`, padded
+    to `max_length` like the article.
     Large datasets are tokenized by `num_proc` processes (None: one per core from 50,000 rows on), cached beside the data."""
     if padding not in PADDINGS:
         raise BadInputError(f"padding={padding!r} is not one of {PADDINGS}: use 'dynamic' (faster) or 'max_length' (the article).")
     pad = "max_length" if padding == "max_length" else False
     rows = sum(len(split) for split in dataset.values())
     num_proc = num_proc or (os.cpu_count() if rows >= 50_000 else None)
-    return dataset.map(lambda batch: tokenize_reviews(tokenizer, batch["text"], max_length, padding=pad),
+    return dataset.map(lambda batch: tokenize_reviews(tokenizer, batch["text"], max_length, truncation, padding=pad),
                        batched=True, remove_columns=["text"], num_proc=num_proc, desc="tokenizing")
 
 # %% ../nbs/02_training.ipynb #620516e8
@@ -203,10 +205,12 @@ def padding_speed(workdir=".", model=Train.model, padding=Train.padding, steps=6
     return (len(t) - 1) * batch_size / (t[-1] - t[0])
 
 # %% ../nbs/02_training.ipynb #e9183bd0
-def save_model(model, tokenizer, workdir=".", max_length=Train.max_length) -> Path:
-    "Save `model`, `tokenizer` (cutting at `max_length` tokens) and `index_to_name.json` to `torch_model/`; return it."
+def save_model(model, tokenizer, workdir=".", max_length=Train.max_length, truncation=Train.truncation) -> Path:
+    """Save `model` (its config saying how reviews are cut: `truncation`), `tokenizer` (cutting at `max_length` tokens) and
+    `index_to_name.json` to `torch_model/`; return it."""
     out = WorkDir(workdir).model
     out.mkdir(parents=True, exist_ok=True)
+    model.config.truncation = truncation          # load_model reads it: served as trained
     model.save_pretrained(str(out))
     tokenizer.model_max_length = max_length
     tokenizer.save_pretrained(str(out))
@@ -239,13 +243,13 @@ def _checked_world(padding, batch_size) -> int:
 
 # %% ../nbs/02_training.ipynb #a95946e7
 def train(workdir=".", model=Train.model, epochs=Train.epochs, learning_rate=Train.learning_rate,
-          batch_size=Train.batch_size, max_length=Train.max_length, padding=Train.padding, seed=Train.seed,
+          batch_size=Train.batch_size, max_length=Train.max_length, truncation=Train.truncation, padding=Train.padding, seed=Train.seed,
           precision=Train.precision, nproc=Train.nproc, nnodes=Train.nnodes, node_rank=Train.node_rank,
           rdzv_endpoint=Train.rdzv_endpoint) -> dict:
     """Fine-tune `model` on W/data, save it to W/torch_model/ with metrics.json; return the metrics. `batch_size` is the
     global batch: with `nproc` > 1 or `nnodes` > 1, torchrun runs it in that many processes (`train_in_processes`)."""
     recipe = dict(model=model, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, max_length=max_length,
-                  padding=padding, seed=seed, precision=precision)
+                  truncation=truncation, padding=padding, seed=seed, precision=precision)
     if nproc > 1 or nnodes > 1: return train_in_processes(workdir, nproc, nnodes, node_rank, rdzv_endpoint, **recipe)
     world = _checked_world(padding, batch_size)
     base, precision = resolve_model(model), training_precision(precision)      # fails fast: bad dir, Hub offline
@@ -256,11 +260,11 @@ def train(workdir=".", model=Train.model, epochs=Train.epochs, learning_rate=Tra
     with tempfile.TemporaryDirectory(prefix=".trainer-", dir=workdir) as tmp:
         args = training_args(tmp, epochs, learning_rate, batch_size // world, seed, logging_steps=max(1, steps // 25),
                              precision=precision)
-        with args.main_process_first(desc="tokenizing"): tokenized = tokenize(dataset, tokenizer, max_length, padding)
+        with args.main_process_first(desc="tokenizing"): tokenized = tokenize(dataset, tokenizer, max_length, padding, truncation=truncation)
         trainer = make_trainer(load_base_model(base, seed), tokenizer, tokenized, args)
         result = trainer.train()
     if not trainer.is_world_process_zero(): return {}          # one process writes torch_model/, metrics.json, the logs
-    out = save_model(trainer.model, tokenizer, workdir, max_length)
+    out = save_model(trainer.model, tokenizer, workdir, max_length, truncation)
     metrics = _metrics(trainer, result, dataset, workdir, **{**recipe, "model": str(model), "precision": precision},
                        base_model=base, per_device_batch_size=batch_size // world, world_size=world)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
