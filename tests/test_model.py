@@ -121,16 +121,34 @@ def test_importing_training_the_benchmark_or_the_peer_loads_no_torchserve(model_
 
 
 def test_the_truncation_rule_is_the_same_for_training_and_serving(model_dir):
-    "Training's tokenized dataset and a served batch cut a review at the same token, by the one rule."
+    "Training's tokenized dataset and a served batch cut a review at the same tokens, by the rule saved with the model."
     import datasets
     from yelp_ts.training import tokenize
     loaded = load_model(model_dir, max_length=32)
-    long_review = "The brisket was smoky and the sides were cold, but the staff were kind. " * 40
+    assert loaded.truncation == model.TRUNCATION == "head+tail"          # saved in config.json by training's save_model
+    long_review = "The brisket was smoky and the sides were cold, but the staff were kind. " * 40 + "We will not be back."
     data = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"label": [0], "text": [long_review]})})
     trained = tokenize(data, loaded.tokenizer, max_length=32)["train"]["input_ids"][0]
     served = model.encode(loaded, [long_review])["input_ids"][0].tolist()
     assert trained == served and len(served) == 32
+    assert loaded.tokenizer.decode(served, skip_special_tokens=True).endswith("we will not be back.")   # the verdict kept
+    head = tokenize_reviews(loaded.tokenizer, [long_review], 32, "head")["input_ids"][0]
+    assert head != served and head[:9] == served[:9]              # head alone loses the end; both keep the start
     assert tokenize_reviews(loaded.tokenizer, ["x" * 10_000_000], 32)["input_ids"][0][-1] == loaded.tokenizer.sep_token_id
+
+
+def test_a_model_saved_without_a_rule_is_cut_at_the_head(model_dir, tmp_path):
+    "Models saved before head+tail (no `truncation` in config.json) are served as they were trained: head only."
+    import json, shutil
+    old = tmp_path / "old"
+    shutil.copytree(model_dir, old)
+    config = json.loads((old / "config.json").read_text()); config.pop("truncation")
+    (old / "config.json").write_text(json.dumps(config))
+    assert load_model(old).truncation == model.LEGACY_TRUNCATION == "head"
+    with pytest.raises(model.SettingError, match="truncation=.middle."):
+        tokenize_reviews(load_model(old).tokenizer, ["x"], 32, "middle")
+
+
 
 
 def test_explanations_explain_the_stars_that_were_served(tied_model_workdir):

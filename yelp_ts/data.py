@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'HUB_ALTERNATIVE', 'BASELINE_ROWS', 'yelp_review_full', 'read_reviews_csv', 'split_reviews', 'make_data',
-           'data_info', 'load_data', 'tfidf_baseline']
+           'data_info', 'load_data', 'tfidf_classifier', 'tfidf_baseline']
 
 # %% ../nbs/00_data.ipynb #b5b0ad86
 HUB_ALTERNATIVE = ("`--source sample` (the embedded sample; in a notebook `source = \"sample\"`) "
@@ -107,18 +107,21 @@ def load_data(workdir="."):
 # %% ../nbs/00_data.ipynb #8dd38c09
 BASELINE_ROWS = 20_000   # the baseline's training rows at most: TF-IDF's vocabulary and the solver grow with the data
 
-def tfidf_baseline(dataset, max_rows=BASELINE_ROWS, seed=SEED) -> dict:
-    """Accuracy and macro-F1 on `validation` of TF-IDF (1-2 grams) + logistic regression fit on `train` — on a random
-    `max_rows` of it when it is larger (the rows used are reported)."""
+def tfidf_classifier(texts, labels):
+    "TF-IDF of 1-2 grams + logistic regression, fit on `texts` and `labels`: the baseline, a scikit-learn pipeline."
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                         LogisticRegression(C=10.0, max_iter=2000)).fit(list(texts), list(labels))
+
+def tfidf_baseline(dataset, max_rows=BASELINE_ROWS, seed=SEED) -> dict:
+    """Accuracy and macro-F1 on `validation` of `tfidf_classifier` fit on `train` — on a random `max_rows` of it when it
+    is larger (the rows used are reported)."""
     from sklearn.metrics import accuracy_score, f1_score
     train = dataset["train"]
     if len(train) > max_rows: train = train.shuffle(seed=seed).select(range(max_rows))
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    features = vectorizer.fit_transform(list(train["text"]))
-    classifier = LogisticRegression(C=10.0, max_iter=2000).fit(features, list(train["label"]))
-    predicted = classifier.predict(vectorizer.transform(list(dataset["validation"]["text"])))
+    predicted = tfidf_classifier(train["text"], train["label"]).predict(list(dataset["validation"]["text"]))
     truth = list(dataset["validation"]["label"])
     return dict(accuracy=float(accuracy_score(truth, predicted)), macro_f1=float(f1_score(truth, predicted, average="macro")),
                 train_rows=len(train))

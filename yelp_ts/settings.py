@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['PADDINGS', 'PRESETS', 'DEFAULT_PRESET', 'RUN_STEPS', 'DEBUG_STEPS', 'ALL_STEPS', 'setting', 'option', 'Data', 'Train',
-           'Archive', 'Serving', 'Server', 'Bench', 'Deploy', 'gather', 'shared_options', 'add_options']
+           'Archive', 'Serving', 'Server', 'Bench', 'Quality', 'Deploy', 'gather', 'shared_options', 'add_options']
 
 # %% ../nbs/ref_settings.ipynb #51162595
 import argparse
@@ -41,11 +41,14 @@ PADDINGS = ("dynamic", "max_length")   # pad each batch to its longest review, o
 @dataclass(frozen=True)
 class Train:
     "How to fine-tune (`yelp_ts.training.train`)."
-    model: str = setting(DEFAULT_MODEL, "minilm (embedded, offline) | distilbert-base-uncased (the article's, from the Hub) "
-                                        "| a local model directory")
+    model: str = setting(DEFAULT_MODEL, "minilm (embedded, offline) | mpnet (all-mpnet-base-v2, offline, `make quality`) | "
+                                        "distilbert-base-uncased (the article's, from the Hub) | a local model directory")
     epochs: float = setting(4, "training epochs")
     learning_rate: float = setting(1.5e-4, "peak learning rate")
     batch_size: int = setting(16, "training batch size (of all processes together)")
+    warmup: float = setting(0.1, "share of the training steps over which the learning rate rises to its peak")
+    layer_decay: float = setting(1.0, "layer-wise learning-rate decay: each encoder layer learns this × as fast as the one "
+                                      "above it, the head at the peak (1: every layer at the peak)")
     max_length: int = setting(MAX_LENGTH, "tokens per review in training and serving (longer ones are cut)")
     truncation: str = setting("head+tail", "how a longer review is cut: head+tail (a quarter of its tokens from the start, the "
                                            "rest from the end) | head | tail; saved with the model", registry="TRUNCATIONS")
@@ -109,6 +112,14 @@ class Bench:
     load_seconds: float | None = setting(None, "seconds per load (unset: 4 with --quick, else 20)")
     training_steps: int | None = setting(None, "steps per training-speed measurement (unset: 16 with --quick, else 40)")
 
+# %% ../nbs/ref_settings.ipynb #1c7e86c6
+@dataclass(frozen=True)
+class Quality:
+    "Scores on real, labelled reviews through the served model (`yelp_ts.quality.measure_quality`)."
+    reviews: str | None = setting(None, "a CSV of real labelled reviews the model was not trained on (label,text or "
+                                        "stars,text); unset: say what is needed and measure nothing")
+    n_reviews: int | None = setting(None, "measure on the first n reviews only (unset: all)")
+
 # %% ../nbs/ref_settings.ipynb #d5f5a81d
 @dataclass(frozen=True)
 class Deploy:
@@ -122,7 +133,8 @@ class Deploy:
 
 # %% ../nbs/ref_settings.ipynb #4e39ffb4
 PRESETS = {"embedded": {},                                                                 # the defaults: offline
-           "article": dict(source="yelp_review_full", model="distilbert-base-uncased")}    # the article's, from the Hub
+           "article": dict(source="yelp_review_full", model="distilbert-base-uncased"),    # the article's, from the Hub
+           "quality": dict(model="mpnet", max_length=256, epochs=3, learning_rate=5e-5)}  # offline, the `quality` extra
 DEFAULT_PRESET = "embedded"
 
 # %% ../nbs/ref_settings.ipynb #b8c22b08
@@ -138,7 +150,7 @@ def gather(steps, options=None, preset=DEFAULT_PRESET) -> list:
 # %% ../nbs/ref_settings.ipynb #396716f4
 RUN_STEPS = (Data, Train, Archive, Serving, Server)   # yelp-ts run: data → train → archive → serve
 DEBUG_STEPS = (Archive, Serving, Server)              # yelp-ts debug: re-archive → restart
-ALL_STEPS = RUN_STEPS + (Bench, Deploy)
+ALL_STEPS = RUN_STEPS + (Bench, Quality, Deploy)
 
 # %% ../nbs/ref_settings.ipynb #4378f9e6
 def shared_options(steps=ALL_STEPS) -> dict:

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['logger', 'model_aliases', 'resolve_model', 'tokenize', 'compute_metrics', 'show_progress', 'StepLogCallback',
            'training_device', 'training_precision', 'world_size', 'training_args', 'load_base_model', 'make_trainer',
-           'padding_speed', 'save_model', 'train', 'train_in_processes', 'evaluate']
+           'layer_groups', 'padding_speed', 'save_model', 'train', 'train_in_processes', 'evaluate']
 
 # %% ../nbs/02_training.ipynb #c9fb0e82
 import json
@@ -21,7 +21,8 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
 from .core import (EMBEDDED_MODEL, INDEX_TO_NAME, LABEL_NAMES, METRICS_FILE, BadInputError, MissingError,
-                          OfflineError, TrainingError, WorkDir, check_model_dir, embedded_model_dir, require_hub)
+                          OfflineError, QUALITY_MODEL, TrainingError, WorkDir, check_model_dir, embedded_model_dir,
+                          quality_model_dir, require_hub)
 from .data import data_info, load_data, tfidf_baseline
 from .model import PRECISIONS, SettingError, load_model, probabilities, quiet_loading, resolve, tokenize_reviews
 from .settings import PADDINGS, Train
@@ -30,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 # %% ../nbs/02_training.ipynb #acef3c2b
 def model_aliases() -> dict:
-    "Short names for models that need no download: `minilm`, the embedded all-MiniLM-L6-v2."
-    return {EMBEDDED_MODEL: embedded_model_dir}
+    "Short names for models that need no download: `minilm`, the embedded all-MiniLM-L6-v2; `mpnet`, all-mpnet-base-v2 (the `quality` extra)."
+    return {EMBEDDED_MODEL: embedded_model_dir, QUALITY_MODEL: quality_model_dir}
 
 # %% ../nbs/02_training.ipynb #710d426e
 def resolve_model(model=Train.model) -> str:
@@ -142,7 +143,7 @@ def world_size() -> int:
 
 # %% ../nbs/02_training.ipynb #4de36cfb
 def training_args(output_dir, epochs=Train.epochs, learning_rate=Train.learning_rate, batch_size=Train.batch_size,
-                  seed=Train.seed, logging_steps=10, precision=Train.precision, **kwargs):
+                  seed=Train.seed, logging_steps=10, precision=Train.precision, warmup=Train.warmup, **kwargs):
     """TrainingArguments for fine-tuning: evaluate each epoch, log every `logging_steps`, no checkpoints. `batch_size` is
     per process; in a group of processes they talk over NCCL on GPUs and gloo on CPUs, and give up after 2 minutes of
     waiting for a peer."""
@@ -153,7 +154,7 @@ def training_args(output_dir, epochs=Train.epochs, learning_rate=Train.learning_
     group = dict(ddp_backend="nccl" if training_device() == "cuda" else "gloo", ddp_timeout=120,
                  average_tokens_across_devices=False) if world_size() > 1 else {}
     settings = dict(num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=batch_size,
-                    per_device_eval_batch_size=2 * batch_size, warmup_steps=0.1, weight_decay=0.01,
+                    per_device_eval_batch_size=2 * batch_size, warmup_steps=warmup, weight_decay=0.01,
                     eval_strategy="epoch", logging_strategy="steps", logging_steps=logging_steps, save_strategy="no",
                     report_to="none", seed=seed, use_cpu=training_device() == "cpu", disable_tqdm=True,
                     bf16=precision == "bf16", fp16=precision == "fp16", **group)
@@ -169,13 +170,32 @@ def load_base_model(model=Train.model, seed=Train.seed):
             id2label=dict(enumerate(LABEL_NAMES)), label2id={n: i for i, n in enumerate(LABEL_NAMES)})
 
 # %% ../nbs/02_training.ipynb #77b0663f
-def make_trainer(model, tokenizer, tokenized, args, callbacks=None):
-    "A `Trainer` padding each batch, with accuracy/macro-F1 and (default) the step callback."
+def make_trainer(model, tokenizer, tokenized, args, callbacks=None, optimizer=None):
+    "A `Trainer` padding each batch, with accuracy/macro-F1, (default) the step callback and `optimizer` (default: its AdamW)."
     trainer = Trainer(model=model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                      compute_metrics=compute_metrics, callbacks=[StepLogCallback()] if callbacks is None else callbacks)
+                      compute_metrics=compute_metrics, callbacks=[StepLogCallback()] if callbacks is None else callbacks,
+                      optimizers=(optimizer, None))
     trainer.remove_callback(PrinterCallback)  # disable_tqdm=True adds it; StepLogCallback replaces it
     return trainer
+
+# %% ../nbs/02_training.ipynb #e160ed39
+import re
+import torch
+
+def layer_groups(model, learning_rate=Train.learning_rate, layer_decay=Train.layer_decay, weight_decay=0.01) -> list:
+    "AdamW parameter groups: the head (and pooler) at `learning_rate`, encoder layer k from the top × `layer_decay`**k, the embeddings lowest."
+    n = model.config.num_hidden_layers
+    def depth(name):
+        layer = re.search(r"\.layer\.(\d+)\.", name)
+        return n - int(layer.group(1)) if layer else n + 1 if "embeddings" in name else 0
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad: continue
+        d, flat = depth(name), p.ndim == 1
+        groups.setdefault((d, flat), {"params": [], "lr": learning_rate * layer_decay ** d,
+                                      "weight_decay": 0.0 if flat else weight_decay})["params"].append(p)
+    return list(groups.values())
 
 # %% ../nbs/02_training.ipynb #440373eb
 class _StepTimes(TrainerCallback):
@@ -243,12 +263,14 @@ def _checked_world(padding, batch_size) -> int:
 
 # %% ../nbs/02_training.ipynb #a95946e7
 def train(workdir=".", model=Train.model, epochs=Train.epochs, learning_rate=Train.learning_rate,
-          batch_size=Train.batch_size, max_length=Train.max_length, truncation=Train.truncation, padding=Train.padding, seed=Train.seed,
+          batch_size=Train.batch_size, warmup=Train.warmup, layer_decay=Train.layer_decay, max_length=Train.max_length,
+          truncation=Train.truncation, padding=Train.padding, seed=Train.seed,
           precision=Train.precision, nproc=Train.nproc, nnodes=Train.nnodes, node_rank=Train.node_rank,
           rdzv_endpoint=Train.rdzv_endpoint) -> dict:
     """Fine-tune `model` on W/data, save it to W/torch_model/ with metrics.json; return the metrics. `batch_size` is the
     global batch: with `nproc` > 1 or `nnodes` > 1, torchrun runs it in that many processes (`train_in_processes`)."""
-    recipe = dict(model=model, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, max_length=max_length,
+    recipe = dict(model=model, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, warmup=warmup,
+                  layer_decay=layer_decay, max_length=max_length,
                   truncation=truncation, padding=padding, seed=seed, precision=precision)
     if nproc > 1 or nnodes > 1: return train_in_processes(workdir, nproc, nnodes, node_rank, rdzv_endpoint, **recipe)
     world = _checked_world(padding, batch_size)
@@ -259,9 +281,11 @@ def train(workdir=".", model=Train.model, epochs=Train.epochs, learning_rate=Tra
                 steps, precision, world)
     with tempfile.TemporaryDirectory(prefix=".trainer-", dir=workdir) as tmp:
         args = training_args(tmp, epochs, learning_rate, batch_size // world, seed, logging_steps=max(1, steps // 25),
-                             precision=precision)
+                             precision=precision, warmup=warmup)
         with args.main_process_first(desc="tokenizing"): tokenized = tokenize(dataset, tokenizer, max_length, padding, truncation=truncation)
-        trainer = make_trainer(load_base_model(base, seed), tokenizer, tokenized, args)
+        network = load_base_model(base, seed)
+        optimizer = None if layer_decay == 1 else torch.optim.AdamW(layer_groups(network, learning_rate, layer_decay))
+        trainer = make_trainer(network, tokenizer, tokenized, args, optimizer=optimizer)
         result = trainer.train()
     if not trainer.is_world_process_zero(): return {}          # one process writes torch_model/, metrics.json, the logs
     out = save_model(trainer.model, tokenizer, workdir, max_length, truncation)
