@@ -18,7 +18,7 @@ SECTIONS = {   # the reader's order: the article first, then the article as a li
     "The article, runnable": ["article_ko", "article_en"],
     "The article, as a library": ["00_data", "01_concepts", "02_training", "03_handler", "04_archive", "05_serving",
                                   "05a_client", "05b_demo", "05c_pipeline"],
-    "Beyond the article": ["beyond_1_model", "beyond_2_explain", "beyond_3_benchmark", "beyond_4_peer", "beyond_5_cli", "beyond_6_scale", "beyond_7_deploy"],
+    "Beyond the article": ["beyond_1_model", "beyond_2_explain", "beyond_3_benchmark", "beyond_4_peer", "beyond_5_cli", "beyond_6_scale", "beyond_7_deploy", "beyond_8_quality"],
     "Reference": ["ref_core", "ref_sample", "ref_settings", "ref_worker"],
 }
 LINK = re.compile(r"\]\(([\w-]+)\.ipynb(#[^)]*)?\)")

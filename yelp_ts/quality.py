@@ -36,6 +36,7 @@ def scores(truth, predicted) -> dict:
 # %% ../nbs/beyond_8_quality.ipynb #e30d772c
 def _normal(text) -> str: return " ".join(str(text).split()).lower()
 
+# %% ../nbs/beyond_8_quality.ipynb #e079a4ce
 def check_unseen(workdir, texts):
     "Refuse `texts` when any of them is a training review of `workdir` (compared with whitespace and case ignored)."
     seen = {_normal(t) for t in load_data(workdir)["train"]["text"]}
@@ -99,6 +100,7 @@ def _recipe(r) -> str:
     return (f"{c['model']}, {c['max_length']} tokens {c.get('truncation') or 'head'}, {c['epochs']} epochs, lr {c['learning_rate']}"
             f", warmup {c.get('warmup', 0.1)}{decay}")
 
+# %% ../nbs/beyond_8_quality.ipynb #d2772197
 def quality_table(results) -> str:
     "The measurements in `results` as one markdown table: recipe, scores, the baseline's, training time, served texts/s."
     lines = ["| recipe | accuracy | macro-F1 | within one star | TF-IDF accuracy / F1 | points over TF-IDF | training | served texts/s |",

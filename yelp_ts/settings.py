@@ -117,7 +117,7 @@ class Bench:
 class Quality:
     "Scores on real, labelled reviews through the served model (`yelp_ts.quality.measure_quality`)."
     reviews: str | None = setting(None, "a CSV of real labelled reviews the model was not trained on (label,text or "
-                                        "stars,text); unset: say what is needed and measure nothing")
+                                        "stars,text) (unset: say what is needed and measure nothing)")
     n_reviews: int | None = setting(None, "measure on the first n reviews only (unset: all)")
 
 # %% ../nbs/ref_settings.ipynb #d5f5a81d

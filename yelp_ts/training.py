@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['logger', 'model_aliases', 'resolve_model', 'tokenize', 'compute_metrics', 'show_progress', 'StepLogCallback',
            'training_device', 'training_precision', 'world_size', 'training_args', 'load_base_model', 'make_trainer',
-           'layer_groups', 'padding_speed', 'save_model', 'train', 'train_in_processes', 'evaluate']
+           'layer_groups', 'layer_optimizer', 'padding_speed', 'save_model', 'train', 'train_in_processes', 'evaluate']
 
 # %% ../nbs/02_training.ipynb #c9fb0e82
 import json
@@ -57,8 +57,8 @@ def resolve_model(model=Train.model) -> str:
         return str(Path(cached).parent)
 
 # %% ../nbs/02_training.ipynb #67338610
-def tokenize(dataset, tokenizer, max_length=Train.max_length, padding=Train.padding, num_proc=None,
-             truncation=Train.truncation):
+def tokenize(dataset, tokenizer, max_length=Train.max_length, padding=Train.padding, truncation=Train.truncation,
+             num_proc=None):
     """`dataset` (a DatasetDict of label, text) cut by the rule `truncation` and tokenized: unpadded for `dynamic`, padded
     to `max_length` like the article.
     Large datasets are tokenized by `num_proc` processes (None: one per core from 50,000 rows on), cached beside the data."""
@@ -197,6 +197,11 @@ def layer_groups(model, learning_rate=Train.learning_rate, layer_decay=Train.lay
                                       "weight_decay": 0.0 if flat else weight_decay})["params"].append(p)
     return list(groups.values())
 
+# %% ../nbs/02_training.ipynb #0c338529
+def layer_optimizer(model, learning_rate=Train.learning_rate, layer_decay=Train.layer_decay):
+    "AdamW over `layer_groups` when `layer_decay` is not 1; None (the Trainer's own AdamW) when it is."
+    return None if layer_decay == 1 else torch.optim.AdamW(layer_groups(model, learning_rate, layer_decay))
+
 # %% ../nbs/02_training.ipynb #440373eb
 class _StepTimes(TrainerCallback):
     def __init__(self): self.times = []
@@ -262,16 +267,14 @@ def _checked_world(padding, batch_size) -> int:
     return world
 
 # %% ../nbs/02_training.ipynb #a95946e7
-def train(workdir=".", model=Train.model, epochs=Train.epochs, learning_rate=Train.learning_rate,
-          batch_size=Train.batch_size, warmup=Train.warmup, layer_decay=Train.layer_decay, max_length=Train.max_length,
-          truncation=Train.truncation, padding=Train.padding, seed=Train.seed,
-          precision=Train.precision, nproc=Train.nproc, nnodes=Train.nnodes, node_rank=Train.node_rank,
-          rdzv_endpoint=Train.rdzv_endpoint) -> dict:
+def train(workdir=".", model=Train.model, epochs=Train.epochs, learning_rate=Train.learning_rate, batch_size=Train.batch_size,
+          warmup=Train.warmup, layer_decay=Train.layer_decay, max_length=Train.max_length, truncation=Train.truncation,
+          padding=Train.padding, seed=Train.seed, precision=Train.precision, nproc=Train.nproc, nnodes=Train.nnodes,
+          node_rank=Train.node_rank, rdzv_endpoint=Train.rdzv_endpoint) -> dict:
     """Fine-tune `model` on W/data, save it to W/torch_model/ with metrics.json; return the metrics. `batch_size` is the
     global batch: with `nproc` > 1 or `nnodes` > 1, torchrun runs it in that many processes (`train_in_processes`)."""
     recipe = dict(model=model, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, warmup=warmup,
-                  layer_decay=layer_decay, max_length=max_length,
-                  truncation=truncation, padding=padding, seed=seed, precision=precision)
+                  layer_decay=layer_decay, max_length=max_length, truncation=truncation, padding=padding, seed=seed, precision=precision)
     if nproc > 1 or nnodes > 1: return train_in_processes(workdir, nproc, nnodes, node_rank, rdzv_endpoint, **recipe)
     world = _checked_world(padding, batch_size)
     base, precision = resolve_model(model), training_precision(precision)      # fails fast: bad dir, Hub offline
@@ -282,10 +285,9 @@ def train(workdir=".", model=Train.model, epochs=Train.epochs, learning_rate=Tra
     with tempfile.TemporaryDirectory(prefix=".trainer-", dir=workdir) as tmp:
         args = training_args(tmp, epochs, learning_rate, batch_size // world, seed, logging_steps=max(1, steps // 25),
                              precision=precision, warmup=warmup)
-        with args.main_process_first(desc="tokenizing"): tokenized = tokenize(dataset, tokenizer, max_length, padding, truncation=truncation)
+        with args.main_process_first(desc="tokenizing"): tokenized = tokenize(dataset, tokenizer, max_length, padding, truncation)
         network = load_base_model(base, seed)
-        optimizer = None if layer_decay == 1 else torch.optim.AdamW(layer_groups(network, learning_rate, layer_decay))
-        trainer = make_trainer(network, tokenizer, tokenized, args, optimizer=optimizer)
+        trainer = make_trainer(network, tokenizer, tokenized, args, optimizer=layer_optimizer(network, learning_rate, layer_decay))
         result = trainer.train()
     if not trainer.is_world_process_zero(): return {}          # one process writes torch_model/, metrics.json, the logs
     out = save_model(trainer.model, tokenizer, workdir, max_length, truncation)
