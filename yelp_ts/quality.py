@@ -97,8 +97,8 @@ def measure_quality(workdir=".", reviews=Quality.reviews, n_reviews=Quality.n_re
 def _recipe(r) -> str:
     c = r["recipe"]
     decay = f", layer decay {c['layer_decay']}" if c.get("layer_decay") not in (None, 1, 1.0) else ""
-    return (f"{c['model']}, {c['max_length']} tokens {c.get('truncation') or 'head'}, {c['epochs']} epochs, lr {c['learning_rate']}"
-            f", warmup {c.get('warmup', 0.1)}{decay}")
+    return (f"{c['model']}, {c['max_length']} tokens {c.get('truncation') or 'head'}, {c['epochs']:g} epochs, batch "
+            f"{c['batch_size']}, lr {c['learning_rate']:g}, warmup {c.get('warmup', 0.1):g}{decay}")
 
 # %% ../nbs/beyond_8_quality.ipynb #d2772197
 def quality_table(results) -> str:
