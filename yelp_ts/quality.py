@@ -95,10 +95,11 @@ def measure_quality(workdir=".", reviews=Quality.reviews, n_reviews=Quality.n_re
 
 # %% ../nbs/beyond_8_quality.ipynb #7aeda7c0
 def _recipe(r) -> str:
-    c = r["recipe"]
-    decay = f", layer decay {c['layer_decay']}" if c.get("layer_decay") not in (None, 1, 1.0) else ""
+    c = r["recipe"]                  # a model saved before a setting existed has None for it
+    decay = f", layer decay {c['layer_decay']:g}" if c.get("layer_decay") not in (None, 1) else ""
+    warmup = f", warmup {c['warmup']:g}" if c.get("warmup") is not None else ""
     return (f"{c['model']}, {c['max_length']} tokens {c.get('truncation') or 'head'}, {c['epochs']:g} epochs, batch "
-            f"{c['batch_size']}, lr {c['learning_rate']:g}, warmup {c.get('warmup', 0.1):g}{decay}")
+            f"{c['batch_size']}, lr {c['learning_rate']:g}{warmup}{decay}")
 
 # %% ../nbs/beyond_8_quality.ipynb #d2772197
 def quality_table(results) -> str:
