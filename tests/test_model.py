@@ -125,7 +125,7 @@ def test_the_truncation_rule_is_the_same_for_training_and_serving(model_dir):
     import datasets
     from yelp_ts.training import tokenize
     loaded = load_model(model_dir, max_length=32)
-    assert loaded.truncation == model.TRUNCATION == "head+tail"          # saved in config.json by training's save_model
+    assert loaded.truncation == model.TRUNCATION == "tail"               # saved in config.json by training's save_model
     long_review = "The brisket was smoky and the sides were cold, but the staff were kind. " * 40 + "We will not be back."
     data = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"label": [0], "text": [long_review]})})
     trained = tokenize(data, loaded.tokenizer, max_length=32)["train"]["input_ids"][0]
@@ -133,7 +133,9 @@ def test_the_truncation_rule_is_the_same_for_training_and_serving(model_dir):
     assert trained == served and len(served) == 32
     assert loaded.tokenizer.decode(served, skip_special_tokens=True).endswith("we will not be back.")   # the verdict kept
     head = tokenize_reviews(loaded.tokenizer, [long_review], 32, "head")["input_ids"][0]
-    assert head != served and head[:9] == served[:9]              # head alone loses the end; both keep the start
+    both = tokenize_reviews(loaded.tokenizer, [long_review], 32, "head+tail")["input_ids"][0]
+    assert head != served and both not in (head, served)           # head alone loses the end, tail alone the start
+    assert both[:8] == head[:8] and both[-20:] == served[-20:]     # head+tail: a quarter from the start, the rest from the end
     assert tokenize_reviews(loaded.tokenizer, ["x" * 10_000_000], 32)["input_ids"][0][-1] == loaded.tokenizer.sep_token_id
 
 

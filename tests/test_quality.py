@@ -94,7 +94,7 @@ def test_training_the_mar_and_torchserve_cut_a_review_the_same_way(quality_serve
     from yelp_ts.archive import mar_files
     from yelp_ts.training import tokenize
     wd = WorkDir(quality_server)
-    with zipfile.ZipFile(wd.mar()) as z: assert json.loads(z.read("config.json"))["truncation"] == "head+tail"
+    with zipfile.ZipFile(wd.mar()) as z: assert json.loads(z.read("config.json"))["truncation"] == TRUNCATION
     loaded = load_model(wd.model)
     one = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"label": [0], "text": [LONG_REVIEW]})})
     trained_ids = tokenize(one, loaded.tokenizer, loaded.max_length)["train"]["input_ids"][0]

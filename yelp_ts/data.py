@@ -17,28 +17,37 @@ from .settings import Data
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'HUB_ALTERNATIVE', 'BASELINE_ROWS', 'yelp_review_full', 'read_reviews_csv', 'split_reviews', 'make_data',
-           'data_info', 'load_data', 'tfidf_classifier', 'tfidf_baseline']
+__all__ = ['logger', 'ESCAPES', 'HUB_ALTERNATIVE', 'BASELINE_ROWS', 'unescape', 'yelp_review_full', 'read_reviews_csv',
+           'split_reviews', 'make_data', 'data_info', 'load_data', 'tfidf_classifier', 'tfidf_baseline']
+
+# %% ../nbs/00_data.ipynb #1c1c31f5
+ESCAPES = {"\\n": "\n", '\\"': '"'}     # yelp_review_full's escapes → what they stand for
+
+def unescape(text: str) -> str:
+    "`text` with yelp_review_full's escapes (`\\n` for a line break, `\\\"` for a quote) read back as what they stand for."
+    for escaped, meant in ESCAPES.items(): text = text.replace(escaped, meant)
+    return text
 
 # %% ../nbs/00_data.ipynb #b5b0ad86
 HUB_ALTERNATIVE = ("`--source sample` (the embedded sample; in a notebook `source = \"sample\"`) "
                    "or a local CSV (`--source reviews.csv` with columns label,text or stars,text)")
 
 def yelp_review_full(n_train=Data.n_train, n_eval=Data.n_eval, seed=Data.seed):
-    "The article's sample of yelp_review_full: (train, validation) `datasets.Dataset`s."
+    "The article's sample of yelp_review_full, its escapes read back (`unescape`): (train, validation) `datasets.Dataset`s."
     require_hub("The yelp_review_full dataset", HUB_ALTERNATIVE)
     from datasets import load_dataset
     dataset = load_dataset("yelp_review_full")
     train_dataset = dataset["train"].shuffle(seed=seed).select(range(n_train))
     validation_dataset = dataset["test"].shuffle(seed=seed).select(range(n_eval))
-    return train_dataset, validation_dataset
+    written = lambda row: {"text": unescape(row["text"])}          # the escapes above, read back
+    return train_dataset.map(written), validation_dataset.map(written)
 
 # %% ../nbs/00_data.ipynb #1087c392
 def _csv_error(path, row, problem): return BadInputError(f"{path}, row {row} (counting from 1 below the header): {problem}")
 
 # %% ../nbs/00_data.ipynb #1190bc40
 def read_reviews_csv(path) -> pd.DataFrame:
-    "Reviews from a CSV with columns `label,text` (0-4) or `stars,text` (1-5), as (label, text)."
+    "Reviews from a CSV with columns `label,text` (0-4) or `stars,text` (1-5), as (label, text), escapes read back."
     path = Path(path)
     if not path.is_file():
         raise MissingError(f"{path} does not exist: give a CSV with columns label,text or stars,text, or use `--source sample`.")
@@ -55,7 +64,7 @@ def read_reviews_csv(path) -> pd.DataFrame:
             raise _csv_error(path, row, f"{key} {raw!r} is not a whole number from {low} to {low + 4}; fix or delete the row.")
         if not str(text).strip():
             raise _csv_error(path, row, "the text is empty; write the review or delete the row.")
-    return pd.DataFrame({"label": values.astype(int) - low, "text": df[cols["text"]]})
+    return pd.DataFrame({"label": values.astype(int) - low, "text": df[cols["text"]].map(unescape)})
 
 # %% ../nbs/00_data.ipynb #4827e6f9
 def split_reviews(reviews: pd.DataFrame, n_train=Data.n_train, n_eval=Data.n_eval, seed=Data.seed):

@@ -50,8 +50,9 @@ class Train:
     layer_decay: float = setting(1.0, "layer-wise learning-rate decay: each encoder layer learns this × as fast as the one "
                                       "above it, the head at the peak (1: every layer at the peak)")
     max_length: int = setting(MAX_LENGTH, "tokens per review in training and serving (longer ones are cut)")
-    truncation: str = setting("head+tail", "how a longer review is cut: head+tail (a quarter of its tokens from the start, the "
-                                           "rest from the end) | head | tail; saved with the model", registry="TRUNCATIONS")
+    truncation: str = setting("tail", "how a longer review is cut: tail (its last tokens, where the verdict is) | head+tail (a "
+                                      "quarter from the start, the rest from the end) | head (the article's); saved with the model",
+                              registry="TRUNCATIONS")
     padding: str = setting("dynamic", "dynamic (pad each batch to its longest review) | max_length (the article)",
                            choices=PADDINGS)
     seed: int = setting(SEED, "the seed of the shuffle, the sample and training")
@@ -134,7 +135,8 @@ class Deploy:
 # %% ../nbs/ref_settings.ipynb #4e39ffb4
 PRESETS = {"embedded": {},                                                                 # the defaults: offline
            "article": dict(source="yelp_review_full", model="distilbert-base-uncased"),    # the article's, from the Hub
-           "quality": dict(model="mpnet", max_length=256, epochs=3, learning_rate=5e-5)}  # offline, the `quality` extra
+           "quality": dict(model="mpnet", max_length=256, epochs=3, learning_rate=5e-5,  # offline, the `quality` extra
+                           truncation="head+tail")}
 DEFAULT_PRESET = "embedded"
 
 # %% ../nbs/ref_settings.ipynb #b8c22b08
