@@ -72,7 +72,6 @@ def test_label_csv_is_accepted(tmp_path):
     assert df.label.tolist() == [0, 4, 2] and df.text.tolist() == ["Awful.", "Perfect.", "Fine I guess."]
 
 
-
 def test_yelp_review_full_escapes_are_read_back(tmp_path):
     "A CSV of yelp_review_full rows writes line breaks as `\\n` and quotes as `\\\"`: data/ holds what they stand for."
     path = _csv(tmp_path, 'label,text\n4,"Great tacos.\\n\\nThe staff said \\""hi\\"".\\nBack soon."\n0,"Cold.\\nRude."\n'
@@ -83,6 +82,7 @@ def test_yelp_review_full_escapes_are_read_back(tmp_path):
     paths = make_data(tmp_path / "w", str(path), n_train=3, n_eval=1, seed=0)
     texts = pd.concat([pd.read_csv(p) for p in paths.values()]).text.tolist()
     assert "\\" not in "".join(texts) and sum("\n" in t for t in texts) == 3
+
 
 @pytest.mark.parametrize("body, needles", [
     ("rating,text\n3,Nice.\n", ["columns", "label,text", "stars,text"]),

@@ -16,7 +16,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from .client import Client
 from .core import LABEL_NAMES, METRICS_FILE, BadInputError, WorkDir, cpu_name
-from .data import load_data, read_reviews_csv, tfidf_classifier
+from .data import load_data, read_reviews_csv, tfidf_classifier, unescape
 from . import serving
 from .settings import Quality
 
@@ -34,11 +34,11 @@ def scores(truth, predicted) -> dict:
             "confusion": confusion_matrix(truth, predicted, labels=labels).tolist()}
 
 # %% ../nbs/beyond_8_quality.ipynb #e30d772c
-def _normal(text) -> str: return " ".join(str(text).split()).lower()
+def _normal(text) -> str: return " ".join(unescape(str(text)).split()).lower()
 
 # %% ../nbs/beyond_8_quality.ipynb #e079a4ce
 def check_unseen(workdir, texts):
-    "Refuse `texts` when any of them is a training review of `workdir` (compared with whitespace and case ignored)."
+    "Refuse `texts` when any of them is a training review of `workdir` (compared with whitespace, case and escapes ignored)."
     seen = {_normal(t) for t in load_data(workdir)["train"]["text"]}
     both = sum(_normal(t) in seen for t in texts)
     if both:
