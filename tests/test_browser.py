@@ -143,23 +143,62 @@ def test_opening_and_saving_every_notebook_leaves_git_status_clean(lab, page, re
     assert all(f"Saving file at /{name}" in log for name in names), "a notebook was not saved"
 
 
-def test_run_all_in_05_serving_then_the_demo_answers(lab, page, reader_repo):
-    _open(page, lab, "05_serving.ipynb")
-    # In a JupyterLab just started, the first Run All can come before the notebook is wired to its kernel and run
-    # nothing (the kernel stayed idle, every prompt empty): click again only when no cell has started.
+# Each code cell's prompt ('[ ]:' not run, '[*]:' queued or running, '[12]:' done), whether a cell wrote to stderr
+# (a traceback, a warning), and the kernel's state as the toolbar shows it ('idle', 'busy', 'restarting', 'dead', ...)
+STATE = """() => ({prompts: [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim()),
+              failed: document.querySelector(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']") !== null,
+              kernel: document.querySelector('.jp-Notebook-ExecutionIndicator')?.getAttribute('data-status') ?? null,
+              sources: [...document.querySelectorAll('.jp-CodeCell')].map(c => (c.querySelector('.cm-line')?.textContent ?? '').slice(0, 80))})"""
+
+
+def _run_all_report(page, reader_repo, state, why):
+    "What to say when Run All did not finish: the cells not done, the kernel, the dialogs and the tail of each log."
+    pending = [f"cell {i} {p} {src!r}" for i, (p, src) in enumerate(zip(state["prompts"], state["sources"]))
+               if not re.fullmatch(r"\[\d+\]:?", p)]
+    logs = [f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:])
+            for f in [reader_repo / "lab.log", *sorted((reader_repo / "torch_model" / "logs").glob("*_log.log"))] if f.exists()]
+    return (f"{why}: kernel {state['kernel']!r}; {len(pending)} of {len(state['prompts'])} cells not done: "
+            f"{pending[:6]}; dialogs: {DIALOGS}\n" + "\n".join(logs))
+
+
+def _run_all(page, reader_repo, timeout=600, lost_after=30):
+    """Run → Run All Cells and wait until every cell has run, or one wrote an error (Run All stops there). An execution
+    JupyterLab lost (cells left queued, '[*]', while the kernel sits idle: a just-started lab can swap the notebook's
+    kernel session under a queued Run All) is run once more with Kernel → Restart Kernel and Run All Cells."""
     started = "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))"
-    for _ in range(3):
+    for _ in range(3):     # the first Run All of a lab just started can come before the notebook has a kernel: no cell starts
         _menu(page, "Run", "Run All Cells")
         try:
             page.wait_for_function(started, timeout=30_000, polling=500); break
         except playwright.TimeoutError:
             _answer_dialogs(page); page.locator(".jp-Notebook").first.click()
     else: raise AssertionError(f"Run → Run All Cells started no cell, three times (dialogs: {DIALOGS})")
-    # done when every cell has run, or as soon as one wrote an error (Run All stops there; tracebacks are stderr)
-    done = """() => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent);
-                      const failed = document.querySelector(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']");
-                      return failed !== null || (p.length > 0 && p.every(t => /\\[\\d+\\]/.test(t))); }"""
-    page.wait_for_function(done, timeout=600_000, polling=1000)
+    deadline, idle_since, restarted = time.monotonic() + timeout, None, False
+    while True:
+        _answer_dialogs(page)
+        state = page.evaluate(STATE)
+        if state["failed"] or (state["prompts"] and all(re.fullmatch(r"\[\d+\]:?", p) for p in state["prompts"])):
+            return state
+        if state["kernel"] == "dead" or any("died" in d for d in DIALOGS):
+            raise AssertionError(_run_all_report(page, reader_repo, state, "the kernel died during Run All"))
+        queued = any(p.startswith("[*]") for p in state["prompts"])
+        idle_since = (idle_since or time.monotonic()) if queued and state["kernel"] == "idle" else None
+        if idle_since and time.monotonic() - idle_since > lost_after:
+            if restarted:
+                raise AssertionError(_run_all_report(page, reader_repo, state, "Run All was lost twice"))
+            DIALOGS.append(f"(the test) cells queued with the kernel idle for {lost_after} s: "
+                           + _run_all_report(page, reader_repo, state, "lost").split("\n")[0])
+            serving.stop(reader_repo)                        # a server the first run may have started
+            _menu(page, "Kernel", "Restart Kernel and Run All Cells…")
+            restarted, idle_since = True, None
+            page.wait_for_timeout(2_000); _answer_dialogs(page)          # "Restart Kernel?" → Restart
+        assert time.monotonic() < deadline, _run_all_report(page, reader_repo, state, f"Run All did not finish in {timeout} s")
+        page.wait_for_timeout(1_000)
+
+
+def test_run_all_in_05_serving_then_the_demo_answers(lab, page, reader_repo):
+    _open(page, lab, "05_serving.ipynb")
+    _run_all(page, reader_repo)
     assert not [d for d in DIALOGS if "died" in d or "rror" in d], f"JupyterLab said: {DIALOGS}"
     errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
     texts = [errors.nth(i).inner_text()[:500] for i in range(errors.count())]
