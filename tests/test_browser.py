@@ -52,8 +52,9 @@ def lab(reader_repo):
     port, token = free_port(), secrets.token_hex(12)
     log = open(reader_repo / "lab.log", "wb")
     settings = reader_repo.parent / "lab-settings"              # the test's own JupyterLab settings, not the reader's:
-    for plugin, values in {"notebook-extension/tracker": {"windowingMode": "none"},   # every cell in the page, so
-                           "apputils-extension/notification": {"fetchNews": "false"}}.items():   # none is missed
+    for plugin, values in {"notebook-extension/tracker": {"windowingMode": "none",     # every cell in the page, so
+                                                          "autoStartDefaultKernel": True},   # none is missed; no
+                           "apputils-extension/notification": {"fetchNews": "false"}}.items():   # Select Kernel dialog
         (settings / "@jupyterlab" / plugin).parent.mkdir(parents=True, exist_ok=True)
         (settings / "@jupyterlab" / f"{plugin}.jupyterlab-settings").write_text(json.dumps(values))
     proc = subprocess.Popen(["make", "-o", str(VENV / ".installed"), "lab", f"VENV={VENV}",
@@ -95,12 +96,29 @@ def page(lab, request):
         browser.close()
 
 
+def _kernel(lab, name):
+    "The kernel of the notebook `name`'s session, as Jupyter's REST API tells it (id, execution_state, connections), or None."
+    url, token = lab
+    sessions = requests.get(f"{url}/api/sessions", params={"token": token}, timeout=10).json()
+    return next((s["kernel"] for s in sessions if s.get("path") == name and s.get("kernel")), None)
+
+
 def _open(page, lab, name):
+    """Open `name` alone and wait until its kernel is idle with the page connected to it: the toolbar says idle and the
+    server counts the page's websocket (a Run All sent before that is lost: its first cell stays queued forever)."""
     url, token = lab
     page.goto(f"{url}/lab/tree/{name}?reset&token={token}")            # `make lab` serves nbs/; ?reset: only this one open
     page.wait_for_selector(".jp-Notebook .jp-Cell")
-    page.wait_for_function("document.querySelector('.jp-Notebook-ExecutionIndicator')?.getAttribute('data-status') === 'idle'",
-                           timeout=120_000)
+    deadline = time.monotonic() + 120
+    while True:
+        _answer_dialogs(page)
+        kernel = _kernel(lab, name)
+        shown = page.evaluate("document.querySelector('.jp-Notebook-ExecutionIndicator')?.getAttribute('data-status')")
+        if shown == "idle" and kernel and kernel["execution_state"] == "idle" and kernel.get("connections", 0) > 0:
+            return kernel
+        assert time.monotonic() < deadline, f"{name}: no idle, connected kernel in 120 s (toolbar {shown!r}, " \
+                                            f"server {kernel}, dialogs {DIALOGS})"
+        page.wait_for_timeout(500)
 
 
 DIALOGS = []                                                           # what JupyterLab asked, for failure messages
@@ -157,22 +175,28 @@ def _run_all_report(page, reader_repo, state, why):
                if not re.fullmatch(r"\[\d+\]:?", p)]
     logs = [f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:])
             for f in [reader_repo / "lab.log", *sorted((reader_repo / "torch_model" / "logs").glob("*_log.log"))] if f.exists()]
-    return (f"{why}: kernel {state['kernel']!r}; {len(pending)} of {len(state['prompts'])} cells not done: "
+    return (f"{why}: kernel {state['kernel']!r} in the toolbar, {state.get('server')!r} on the server; {len(pending)} of {len(state['prompts'])} cells not done: "
             f"{pending[:6]}; dialogs: {DIALOGS}\n" + "\n".join(logs))
 
 
-def _run_all(page, reader_repo, timeout=600, lost_after=30):
-    """Run → Run All Cells and wait until every cell has run, or one wrote an error (Run All stops there). An execution
-    JupyterLab lost (cells left queued, '[*]', while the kernel sits idle: a just-started lab can swap the notebook's
-    kernel session under a queued Run All) is run once more with Kernel → Restart Kernel and Run All Cells."""
+def _start_run_all(page, lab, name):
+    """Run → Run All Cells, until a cell is queued or has run (in a lab just started, the first click can start nothing;
+    the last try is on the notebook opened again)."""
     started = "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))"
-    for _ in range(3):     # the first Run All of a lab just started can come before the notebook has a kernel: no cell starts
+    for attempt in range(3):
+        if attempt == 2: _open(page, lab, name)
         _menu(page, "Run", "Run All Cells")
-        try:
-            page.wait_for_function(started, timeout=30_000, polling=500); break
+        try: return page.wait_for_function(started, timeout=30_000, polling=500)
         except playwright.TimeoutError:
             _answer_dialogs(page); page.locator(".jp-Notebook").first.click()
-    else: raise AssertionError(f"Run → Run All Cells started no cell, three times (dialogs: {DIALOGS})")
+    raise AssertionError(f"Run → Run All Cells started no cell, three times (dialogs: {DIALOGS})")
+
+
+def _run_all(page, lab, reader_repo, name, timeout=600, lost_after=30):
+    """Run → Run All Cells and wait until every cell has run, or one wrote an error (Run All stops there). An execution
+    JupyterLab lost (cells left queued, '[*]', while the server says the kernel sits idle: a just-started lab can swap the notebook's
+    kernel session under a queued Run All) is run once more, on the kernel restarted and a page opened again."""
+    _start_run_all(page, lab, name)
     deadline, idle_since, restarted = time.monotonic() + timeout, None, False
     while True:
         _answer_dialogs(page)
@@ -181,24 +205,28 @@ def _run_all(page, reader_repo, timeout=600, lost_after=30):
             return state
         if state["kernel"] == "dead" or any("died" in d for d in DIALOGS):
             raise AssertionError(_run_all_report(page, reader_repo, state, "the kernel died during Run All"))
+        kernel = _kernel(lab, name) or {}                # the server's view: is the kernel executing anything?
+        state["server"] = kernel.get("execution_state")
         queued = any(p.startswith("[*]") for p in state["prompts"])
-        idle_since = (idle_since or time.monotonic()) if queued and state["kernel"] == "idle" else None
+        idle_since = (idle_since or time.monotonic()) if queued and state["server"] == "idle" else None
         if idle_since and time.monotonic() - idle_since > lost_after:
             if restarted:
                 raise AssertionError(_run_all_report(page, reader_repo, state, "Run All was lost twice"))
             DIALOGS.append(f"(the test) cells queued with the kernel idle for {lost_after} s: "
                            + _run_all_report(page, reader_repo, state, "lost").split("\n")[0])
             serving.stop(reader_repo)                        # a server the first run may have started
-            _menu(page, "Kernel", "Restart Kernel and Run All Cells…")
+            url, token = lab
+            if kernel: requests.post(f"{url}/api/kernels/{kernel['id']}/restart", params={"token": token}, timeout=60)
+            _open(page, lab, name)                           # a fresh page on the restarted kernel
+            _start_run_all(page, lab, name)
             restarted, idle_since = True, None
-            page.wait_for_timeout(2_000); _answer_dialogs(page)          # "Restart Kernel?" → Restart
         assert time.monotonic() < deadline, _run_all_report(page, reader_repo, state, f"Run All did not finish in {timeout} s")
         page.wait_for_timeout(1_000)
 
 
 def test_run_all_in_05_serving_then_the_demo_answers(lab, page, reader_repo):
     _open(page, lab, "05_serving.ipynb")
-    _run_all(page, reader_repo)
+    _run_all(page, lab, reader_repo, "05_serving.ipynb")
     assert not [d for d in DIALOGS if "died" in d or "rror" in d], f"JupyterLab said: {DIALOGS}"
     errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
     texts = [errors.nth(i).inner_text()[:500] for i in range(errors.count())]
