@@ -51,10 +51,11 @@ def lab(reader_repo):
     "JupyterLab started as the README says (`make lab`), on a free port with a token; stopped with its kernels."
     port, token = free_port(), secrets.token_hex(12)
     log = open(reader_repo / "lab.log", "wb")
-    settings = reader_repo.parent / "lab-settings"              # the test's own JupyterLab settings, not the reader's:
-    for plugin, values in {"notebook-extension/tracker": {"windowingMode": "none",     # every cell in the page, so
-                                                          "autoStartDefaultKernel": True},   # none is missed; no
-                           "apputils-extension/notification": {"fetchNews": "false"}}.items():   # Select Kernel dialog
+    # the test's own JupyterLab settings, not the reader's: every cell in the page (none is missed), the notebook's
+    # kernel started without a Select Kernel dialog (answering one swaps the kernel under a queued Run All), no news
+    settings = reader_repo.parent / "lab-settings"
+    for plugin, values in {"notebook-extension/tracker": {"windowingMode": "none", "autoStartDefaultKernel": True},
+                           "apputils-extension/notification": {"fetchNews": "false"}}.items():
         (settings / "@jupyterlab" / plugin).parent.mkdir(parents=True, exist_ok=True)
         (settings / "@jupyterlab" / f"{plugin}.jupyterlab-settings").write_text(json.dumps(values))
     proc = subprocess.Popen(["make", "-o", str(VENV / ".installed"), "lab", f"VENV={VENV}",
@@ -161,22 +162,24 @@ def test_opening_and_saving_every_notebook_leaves_git_status_clean(lab, page, re
     assert all(f"Saving file at /{name}" in log for name in names), "a notebook was not saved"
 
 
-# Each code cell's prompt ('[ ]:' not run, '[*]:' queued or running, '[12]:' done), whether a cell wrote to stderr
-# (a traceback, a warning), and the kernel's state as the toolbar shows it ('idle', 'busy', 'restarting', 'dead', ...)
-STATE = """() => ({prompts: [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim()),
-              failed: document.querySelector(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']") !== null,
+STDERR = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"   # a traceback or a warning
+RAN = re.compile(r"\[\d+\]:?")                                       # the prompt of a cell that has run: '[12]:'
+# Each code cell's prompt ('[ ]:' not run, '[*]:' queued or running, '[12]:' done), whether a cell wrote to stderr,
+# and the kernel's state as the toolbar shows it ('idle', 'busy', 'restarting', 'dead', ...)
+STATE = f"""() => ({{prompts: [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim()),
+              failed: document.querySelector("{STDERR}") !== null,
               kernel: document.querySelector('.jp-Notebook-ExecutionIndicator')?.getAttribute('data-status') ?? null,
-              sources: [...document.querySelectorAll('.jp-CodeCell')].map(c => (c.querySelector('.cm-line')?.textContent ?? '').slice(0, 80))})"""
+              sources: [...document.querySelectorAll('.jp-CodeCell')].map(c => (c.querySelector('.cm-line')?.textContent ?? '').slice(0, 80))}})"""
 
 
-def _run_all_report(page, reader_repo, state, why):
+def _run_all_report(reader_repo, state, why):
     "What to say when Run All did not finish: the cells not done, the kernel, the dialogs and the tail of each log."
     pending = [f"cell {i} {p} {src!r}" for i, (p, src) in enumerate(zip(state["prompts"], state["sources"]))
-               if not re.fullmatch(r"\[\d+\]:?", p)]
+               if not RAN.fullmatch(p)]
     logs = [f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:])
             for f in [reader_repo / "lab.log", *sorted((reader_repo / "torch_model" / "logs").glob("*_log.log"))] if f.exists()]
-    return (f"{why}: kernel {state['kernel']!r} in the toolbar, {state.get('server')!r} on the server; {len(pending)} of {len(state['prompts'])} cells not done: "
-            f"{pending[:6]}; dialogs: {DIALOGS}\n" + "\n".join(logs))
+    return (f"{why}: kernel {state['kernel']!r} in the toolbar, {state.get('server')!r} on the server; "
+            f"{len(pending)} of {len(state['prompts'])} cells not done: {pending[:6]}; dialogs: {DIALOGS}\n" + "\n".join(logs))
 
 
 def _start_run_all(page, lab, name):
@@ -193,34 +196,34 @@ def _start_run_all(page, lab, name):
 
 
 def _run_all(page, lab, reader_repo, name, timeout=600, lost_after=30):
-    """Run → Run All Cells and wait until every cell has run, or one wrote an error (Run All stops there). An execution
-    JupyterLab lost (cells left queued, '[*]', while the server says the kernel sits idle: a just-started lab can swap the notebook's
-    kernel session under a queued Run All) is run once more, on the kernel restarted and a page opened again."""
+    """Run → Run All Cells and wait until every cell has run, or one wrote an error (Run All stops there). A Run All
+    JupyterLab lost (cells left queued, '[*]', while the server says the kernel sits idle: a lab just started can swap
+    the notebook's kernel under it) is run once more, on the kernel restarted and the page opened again."""
     _start_run_all(page, lab, name)
     deadline, idle_since, restarted = time.monotonic() + timeout, None, False
     while True:
         _answer_dialogs(page)
         state = page.evaluate(STATE)
-        if state["failed"] or (state["prompts"] and all(re.fullmatch(r"\[\d+\]:?", p) for p in state["prompts"])):
+        if state["failed"] or (state["prompts"] and all(RAN.fullmatch(p) for p in state["prompts"])):
             return state
         if state["kernel"] == "dead" or any("died" in d for d in DIALOGS):
-            raise AssertionError(_run_all_report(page, reader_repo, state, "the kernel died during Run All"))
+            raise AssertionError(_run_all_report(reader_repo, state, "the kernel died during Run All"))
         kernel = _kernel(lab, name) or {}                # the server's view: is the kernel executing anything?
         state["server"] = kernel.get("execution_state")
         queued = any(p.startswith("[*]") for p in state["prompts"])
         idle_since = (idle_since or time.monotonic()) if queued and state["server"] == "idle" else None
         if idle_since and time.monotonic() - idle_since > lost_after:
             if restarted:
-                raise AssertionError(_run_all_report(page, reader_repo, state, "Run All was lost twice"))
-            DIALOGS.append(f"(the test) cells queued with the kernel idle for {lost_after} s: "
-                           + _run_all_report(page, reader_repo, state, "lost").split("\n")[0])
+                raise AssertionError(_run_all_report(reader_repo, state, "Run All was lost twice"))
+            queued_n = sum(p.startswith("[*]") for p in state["prompts"])
+            DIALOGS.append(f"(the test) {queued_n} cells queued with the kernel idle for {lost_after} s: run again")
             serving.stop(reader_repo)                        # a server the first run may have started
             url, token = lab
             if kernel: requests.post(f"{url}/api/kernels/{kernel['id']}/restart", params={"token": token}, timeout=60)
             _open(page, lab, name)                           # a fresh page on the restarted kernel
             _start_run_all(page, lab, name)
             restarted, idle_since = True, None
-        assert time.monotonic() < deadline, _run_all_report(page, reader_repo, state, f"Run All did not finish in {timeout} s")
+        assert time.monotonic() < deadline, _run_all_report(reader_repo, state, f"Run All did not finish in {timeout} s")
         page.wait_for_timeout(1_000)
 
 
@@ -228,7 +231,7 @@ def test_run_all_in_05_serving_then_the_demo_answers(lab, page, reader_repo):
     _open(page, lab, "05_serving.ipynb")
     _run_all(page, lab, reader_repo, "05_serving.ipynb")
     assert not [d for d in DIALOGS if "died" in d or "rror" in d], f"JupyterLab said: {DIALOGS}"
-    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+    errors = page.locator(STDERR)
     texts = [errors.nth(i).inner_text()[:500] for i in range(errors.count())]
     assert texts == [], f"cells wrote errors or warnings: {texts} (dialogs: {DIALOGS})"
     box = page.locator(".widget-textarea textarea").last
